@@ -1,0 +1,225 @@
+"""Qwen3 (dense) and Qwen3-MoE as a params pytree plus pure functions.
+
+Params are nested dicts of arrays with weights stored `[in, out]` (the transpose of HF's `[out, in]`):
+
+    {"embed": [V, D], "final_norm": [D], "lm_head": [D, V] (only when embeddings are untied),
+     "layers": [{"input_norm": [D], "post_norm": [D],
+                 "attn": {"q": [D, H*hd], "k": [D, K*hd], "v": [D, K*hd], "o": [H*hd, D],
+                          "q_norm": [hd], "k_norm": [hd]},
+                 "mlp": {"gate": [D, F], "up": [D, F], "down": [F, D]}            # dense layers
+                 "moe": {"router": [D, E], "gate": [E, D, Fe], "up": [E, D, Fe], "down": [E, Fe, D]}},  # sparse
+                ...]}
+
+Layers are a Python list (unrolled under jit) because MoE checkpoints may mix dense and sparse layers
+(`mlp_only_layers`, `decoder_sparse_step`). All functions take `config` as a static argument.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+from gopd_jax.models.config import Qwen3Config
+
+Params = dict
+KVCache = list  # one {"k": [B, S, K, hd], "v": [B, S, K, hd]} per layer
+
+
+# ---- initialisation ---------------------------------------------------------------------------
+
+def init_params(config: Qwen3Config, key: jax.Array, dtype=jnp.float32) -> Params:
+    """Random weights (normal, std 0.02; norms at 1) for any Qwen3 / Qwen3-MoE config."""
+    c = config
+    d, hd = c.hidden_size, c.head_dim
+    keys = iter(jax.random.split(key, 2 + 8 * c.num_hidden_layers))
+
+    def dense(*shape):
+        return (0.02 * jax.random.normal(next(keys), shape, jnp.float32)).astype(dtype)
+
+    def ones(n):
+        return jnp.ones((n,), dtype)
+
+    layers = []
+    for i in range(c.num_hidden_layers):
+        layer = {
+            "input_norm": ones(d), "post_norm": ones(d),
+            "attn": {"q": dense(d, c.num_attention_heads * hd), "k": dense(d, c.num_key_value_heads * hd),
+                     "v": dense(d, c.num_key_value_heads * hd), "o": dense(c.num_attention_heads * hd, d),
+                     "q_norm": ones(hd), "k_norm": ones(hd)},
+        }
+        if c.is_sparse_layer(i):
+            e, f = c.num_experts, c.moe_intermediate_size
+            layer["moe"] = {"router": dense(d, e), "gate": dense(e, d, f), "up": dense(e, d, f),
+                            "down": dense(e, f, d)}
+        else:
+            f = c.intermediate_size
+            layer["mlp"] = {"gate": dense(d, f), "up": dense(d, f), "down": dense(f, d)}
+        layers.append(layer)
+    params = {"embed": dense(c.vocab_size, d), "final_norm": ones(d), "layers": layers}
+    if not c.tie_word_embeddings:
+        params["lm_head"] = dense(d, c.vocab_size)
+    return params
+
+
+# ---- building blocks ----------------------------------------------------------------------------
+
+def rms_norm(x, weight, eps):
+    """RMSNorm computed in float32, cast back to the input dtype (as transformers does)."""
+    x32 = x.astype(jnp.float32)
+    x32 = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + eps)
+    return weight * x32.astype(x.dtype)
+
+
+def rope(x, positions, theta):
+    """Rotary embedding, half-rotation layout. x: [B, T, N, hd]; positions: [B, T] int."""
+    hd = x.shape[-1]
+    inv_freq = 1.0 / (theta ** (jnp.arange(0, hd, 2, dtype=jnp.float32) / hd))
+    angles = positions.astype(jnp.float32)[..., None] * inv_freq  # [B, T, hd/2]
+    angles = jnp.concatenate([angles, angles], axis=-1)[:, :, None, :]
+    cos, sin = jnp.cos(angles).astype(x.dtype), jnp.sin(angles).astype(x.dtype)
+    x1, x2 = jnp.split(x, 2, axis=-1)
+    return x * cos + jnp.concatenate([-x2, x1], axis=-1) * sin
+
+
+def _mlp(p, x):
+    return (jax.nn.silu(x @ p["gate"]) * (x @ p["up"])) @ p["down"]
+
+
+def _route(p, config: Qwen3Config, x):
+    """Top-k softmax routing as in transformers: softmax in float32, optional renormalisation."""
+    probs = jax.nn.softmax((x @ p["router"]).astype(jnp.float32), axis=-1)
+    weights, experts = jax.lax.top_k(probs, config.num_experts_per_tok)
+    if config.norm_topk_prob:
+        weights = weights / jnp.sum(weights, axis=-1, keepdims=True)
+    return weights.astype(x.dtype), experts
+
+
+def moe_dense(p, config: Qwen3Config, x):
+    """Exact reference path: every expert on every token, combined with the (sparse) routing weights.
+
+    Cheap only for tiny expert counts; used on CPU and as the test reference for `moe_grouped`."""
+    weights, experts = _route(p, config, x)
+    combine = jnp.sum(jax.nn.one_hot(experts, config.num_experts, dtype=x.dtype) * weights[..., None], axis=-2)
+    h = jax.nn.silu(jnp.einsum("nd,edf->nef", x, p["gate"])) * jnp.einsum("nd,edf->nef", x, p["up"])
+    y = jnp.einsum("nef,efd->ned", h, p["down"])
+    return jnp.einsum("ned,ne->nd", y, combine)
+
+
+def moe_grouped(p, config: Qwen3Config, x):
+    """Grouped path: token copies sorted by expert and multiplied with `ragged_dot`, so each token only
+    touches its top-k experts (the FLOPs of an active-parameter model)."""
+    k = config.num_experts_per_tok
+    weights, experts = _route(p, config, x)
+    flat = experts.reshape(-1)
+    order = jnp.argsort(flat, stable=True)
+    xs = x[order // k]
+    sizes = jnp.bincount(flat, length=config.num_experts).astype(jnp.int32)
+    h = jax.nn.silu(jax.lax.ragged_dot(xs, p["gate"], sizes)) * jax.lax.ragged_dot(xs, p["up"], sizes)
+    ys = jax.lax.ragged_dot(h, p["down"], sizes)
+    y = jnp.zeros_like(ys).at[order].set(ys).reshape(x.shape[0], k, -1)
+    return jnp.einsum("nkd,nk->nd", y, weights)
+
+
+def _moe(p, config: Qwen3Config, x):
+    b, t, d = x.shape
+    impl = moe_dense if jax.default_backend() == "cpu" else moe_grouped
+    return impl(p, config, x.reshape(b * t, d)).reshape(b, t, d)
+
+
+def _qkv(p, config: Qwen3Config, x, positions):
+    b, t, _ = x.shape
+    hd = config.head_dim
+    q = (x @ p["q"]).reshape(b, t, config.num_attention_heads, hd)
+    k = (x @ p["k"]).reshape(b, t, config.num_key_value_heads, hd)
+    v = (x @ p["v"]).reshape(b, t, config.num_key_value_heads, hd)
+    q = rope(rms_norm(q, p["q_norm"], config.rms_norm_eps), positions, config.rope_theta)
+    k = rope(rms_norm(k, p["k_norm"], config.rms_norm_eps), positions, config.rope_theta)
+    return q, k, v
+
+
+def _attention(q, k, v, *, causal, kv_lengths=None):
+    """GQA attention; softmax in float32 inside `dot_product_attention`."""
+    return jax.nn.dot_product_attention(q, k, v, is_causal=causal, key_value_seq_lengths=kv_lengths)
+
+
+def _layer(p, config: Qwen3Config, layer: int, x, positions, cache, mode):
+    """One decoder layer. mode: "full" (no cache), "prefill" (write the cache from 0), "decode" (T == 1,
+    write each row's token at its own position and attend to the row's valid prefix only)."""
+    b, t, _ = x.shape
+    a = p["attn"]
+    h = rms_norm(x, p["input_norm"], config.rms_norm_eps)
+    q, k, v = _qkv(a, config, h, positions)
+    if mode == "decode":
+        rows = jnp.arange(b)
+        pos = positions[:, 0]
+        cache = {"k": cache["k"].at[rows, pos].set(k[:, 0]), "v": cache["v"].at[rows, pos].set(v[:, 0])}
+        out = _attention(q, cache["k"], cache["v"], causal=False, kv_lengths=pos + 1)
+    else:
+        out = _attention(q, k, v, causal=True)
+        if mode == "prefill":
+            cache = {"k": jax.lax.dynamic_update_slice(cache["k"], k.astype(cache["k"].dtype), (0, 0, 0, 0)),
+                     "v": jax.lax.dynamic_update_slice(cache["v"], v.astype(cache["v"].dtype), (0, 0, 0, 0))}
+    x = x + out.reshape(b, t, -1) @ a["o"]
+    h = rms_norm(x, p["post_norm"], config.rms_norm_eps)
+    x = x + (_moe(p["moe"], config, h) if config.is_sparse_layer(layer) else _mlp(p["mlp"], h))
+    return x, cache
+
+
+def _decoder(params, config, tokens, positions, cache, mode):
+    x = params["embed"][tokens]
+    new_cache = []
+    for i, lp in enumerate(params["layers"]):
+        x, c = _layer(lp, config, i, x, positions, None if cache is None else cache[i], mode)
+        new_cache.append(c)
+    return rms_norm(x, params["final_norm"], config.rms_norm_eps), new_cache
+
+
+# ---- public API ---------------------------------------------------------------------------------
+
+def output_head(params: Params, config: Qwen3Config) -> jax.Array:
+    """The [D, V] unembedding matrix (the transposed input embedding when tied)."""
+    return params["embed"].T if config.tie_word_embeddings else params["lm_head"]
+
+
+def unembed(params: Params, config: Qwen3Config, hidden: jax.Array) -> jax.Array:
+    """Final hidden states -> float32 logits."""
+    return jnp.matmul(hidden, output_head(params, config), preferred_element_type=jnp.float32)
+
+
+def forward_hidden(params: Params, config: Qwen3Config, tokens: jax.Array) -> jax.Array:
+    """[B, T] token ids -> [B, T, D] final-normed hidden states; causal, positions 0..T-1.
+
+    Right padding is exact: a row's outputs before its padding never see the padding."""
+    b, t = tokens.shape
+    positions = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
+    hidden, _ = _decoder(params, config, tokens, positions, None, "full")
+    return hidden
+
+
+def forward(params: Params, config: Qwen3Config, tokens: jax.Array) -> jax.Array:
+    """[B, T] token ids -> [B, T, V] float32 logits."""
+    return unembed(params, config, forward_hidden(params, config, tokens))
+
+
+def init_cache(config: Qwen3Config, batch: int, max_len: int, dtype=jnp.float32) -> KVCache:
+    shape = (batch, max_len, config.num_key_value_heads, config.head_dim)
+    return [{"k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype)} for _ in range(config.num_hidden_layers)]
+
+
+def prefill(params: Params, config: Qwen3Config, tokens: jax.Array, lengths: jax.Array, cache: KVCache):
+    """Run right-padded prompts [B, T] (valid lengths [B]) and fill cache positions 0..T-1.
+
+    Returns (float32 logits at each row's last valid token [B, V], cache). Cache entries past a row's
+    length hold padding; decoding overwrites them before they can be attended to."""
+    b, t = tokens.shape
+    positions = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
+    hidden, cache = _decoder(params, config, tokens, positions, cache, "prefill")
+    last = jnp.take_along_axis(hidden, (lengths - 1)[:, None, None].astype(jnp.int32), axis=1)[:, 0]
+    return unembed(params, config, last), cache
+
+
+def decode_step(params: Params, config: Qwen3Config, tokens: jax.Array, positions: jax.Array, cache: KVCache):
+    """One token per row: tokens [B] at positions [B] -> (float32 logits [B, V], cache)."""
+    hidden, cache = _decoder(params, config, tokens[:, None], positions[:, None].astype(jnp.int32), cache,
+                             "decode")
+    return unembed(params, config, hidden[:, 0]), cache
