@@ -1,0 +1,29 @@
+"""Real Qwen3 param pytrees with hand-set weights, for driving the rollout deterministically in tests."""
+
+import jax.numpy as jnp
+import numpy as np
+
+from gopd_jax.models import Qwen3Config, init_params
+from gopd_jax.rollout import Policy
+
+
+def scripted_policy(tokenizer, reply: str, start_token: int) -> Policy:
+    """A one-layer Qwen3 whose attention and MLP outputs are zeroed and whose embeddings are one-hot, so
+    the next token depends on the current token only; the head maps `start_token` -> reply tokens -> stop.
+    Greedy decoding then emits exactly `reply` + <|im_end|> after any prompt ending in `start_token`."""
+    chain = [start_token] + tokenizer.encode(reply, add_special_tokens=False) + [tokenizer.convert_tokens_to_ids(
+        "<|im_end|>")]
+    if len(set(chain)) != len(chain):
+        raise ValueError(f"reply {reply!r} repeats a token; a bigram policy cannot emit it")
+    v = len(tokenizer)
+    config = Qwen3Config(vocab_size=v, hidden_size=v, intermediate_size=8, num_hidden_layers=1,
+                         num_attention_heads=1, num_key_value_heads=1, head_dim=8, tie_word_embeddings=False)
+    params = init_params(config, __import__("jax").random.key(0))
+    params["embed"] = jnp.eye(v, dtype=jnp.float32)
+    params["layers"][0]["attn"]["o"] = jnp.zeros_like(params["layers"][0]["attn"]["o"])
+    params["layers"][0]["mlp"]["down"] = jnp.zeros_like(params["layers"][0]["mlp"]["down"])
+    head = np.zeros((v, v), np.float32)
+    for a, b in zip(chain, chain[1:]):
+        head[a, b] = 10.0
+    params["lm_head"] = jnp.asarray(head)
+    return Policy(params, config)
