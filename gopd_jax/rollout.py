@@ -84,7 +84,16 @@ class _Live:
     turns: list[Turn] = dataclasses.field(default_factory=list)
     history: list[tuple[str, str]] = dataclasses.field(default_factory=list)
     invalid: int = 0
+    expert_actions: list[str] = dataclasses.field(default_factory=list)
 
+
+class ExpertPolicy:
+    """The environment's own expert (ALFWorld walkthroughs, ScienceWorld gold paths) as a policy: turn t
+    replies with the t-th expert action in the agent's reply format. Used for SFT data and as a reference
+    policy in evaluation; its log-probs are zero (it is not a model)."""
+
+
+EXPERT = ExpertPolicy()
 
 OwnerFn = Callable[[jax.Array, int], np.ndarray]
 
@@ -130,7 +139,17 @@ class RolloutRunner:
                 break
         return np.asarray(ids[-c.max_prompt_tokens:], np.int32)
 
-    def _generate(self, policy: Policy, prompts: list[np.ndarray], key) -> list[tuple[np.ndarray, np.ndarray]]:
+    def expert_reply(self, action: str) -> np.ndarray:
+        """Token ids of the reply an ideal agent gives for `action` (the stop token included)."""
+        text = f"<think>\n\n</think>\n\n<action>{action}</action>" if self.config.think else f"<action>{action}</action>"
+        return np.asarray(self.tokenizer.encode(text, add_special_tokens=False) + [self.sampling.stop_token_ids[0]],
+                          np.int32)
+
+    def _generate(self, policy, prompts: list[np.ndarray], key, episodes: list[_Live]):
+        if isinstance(policy, ExpertPolicy):
+            replies = [self.expert_reply(ep.expert_actions[len(ep.turns)]) if len(ep.turns) < len(ep.expert_actions)
+                       else np.asarray(self.sampling.stop_token_ids[:1], np.int32) for ep in episodes]
+            return [(r, np.zeros(len(r), np.float32)) for r in replies]
         tokens, lengths = _pad_batch(prompts, self.config.length_bucket)
         out = jax.device_get(generate(policy.params, policy.config, jnp.asarray(tokens), jnp.asarray(lengths), key,
                                       self.sampling))
@@ -179,7 +198,7 @@ class RolloutRunner:
                     continue
                 prompts = [self._prompt(live[s]) for s in slots]
                 t0 = time.perf_counter()
-                outs = self._generate(policies[owner], prompts, jax.random.fold_in(key, calls))
+                outs = self._generate(policies[owner], prompts, jax.random.fold_in(key, calls), [live[s] for s in slots])
                 stats["generate_s"] += time.perf_counter() - t0
                 calls += 1
                 actions = {}
@@ -201,6 +220,8 @@ class RolloutRunner:
                     live[slot] = ep
                     if first.done:  # the environment died during reset
                         finish(slot, ep)
+                    elif any(isinstance(p, ExpertPolicy) for p in policies.values()):
+                        ep.expert_actions = pool.expert_actions(slot)
             for slot, (action, turn) in pending.items():
                 ep = live[slot]
                 if action is None:

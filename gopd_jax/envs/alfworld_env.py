@@ -1,0 +1,136 @@
+"""ALFWorld (text-only, TextWorld PDDL engine) adapter.
+
+Games are loaded straight from `game.tw-pddl` files (self-contained: domain, grammar, problem and a
+`walkthrough`), so the train split works without ALFRED's `traj_data.json` and no planner runs.
+"""
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import tarfile
+import tempfile
+from pathlib import Path
+
+from gopd_jax.envs.base import StepResult, TaskSpec
+
+ENV_NAME = "alfworld"
+SPLITS = ("train", "valid_seen", "valid_unseen", "valid_train")
+TASK_TYPES = ("pick_and_place_simple", "pick_two_obj_and_place", "pick_clean_then_place_in_recep",
+              "pick_heat_then_place_in_recep", "pick_cool_then_place_in_recep", "look_at_obj_in_light")
+_ARCHIVE = Path("shared/data/alfworld/json_2.1.1.tar.xz")
+_GOAL_RE = re.compile(r"Your task is to:\s*(.*)", re.DOTALL)
+_BANNER_RE = re.compile(r"^-= Welcome to TextWorld, ALFRED! =-\s*")
+
+
+def _cache_dir() -> Path:
+    return Path(os.environ.get("GOPD_CACHE", Path.home() / ".cache" / "gopd_jax")) / "alfworld"
+
+
+def _find_archive() -> Path | None:
+    for parent in Path(__file__).resolve().parents:
+        if (parent / _ARCHIVE).is_file():
+            return parent / _ARCHIVE
+    return None
+
+
+def _unpack_once(archive: Path, dest: Path) -> None:
+    """Unpacks into a temp dir beside `dest`, then renames: a killed or concurrent unpack never
+    leaves a half-written `dest` behind (the loser of a race just discards its copy)."""
+    if (dest / "json_2.1.1").is_dir():
+        return
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=".alfworld-unpack-", dir=dest.parent))
+    try:
+        with tarfile.open(archive, "r:xz") as tar:
+            tar.extractall(tmp, filter="data")
+        try:
+            os.rename(tmp, dest)
+        except OSError:  # another process finished first
+            if not (dest / "json_2.1.1").is_dir():
+                raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def resolve_data_dir(data_dir: str | os.PathLike | None = None) -> Path:
+    """The directory holding `json_2.1.1/`: explicit arg, else $ALFWORLD_DATA, else the project's
+    archive unpacked once into the cache."""
+    if data_dir is not None:
+        root = Path(data_dir).expanduser()
+        if not (root / "json_2.1.1").is_dir():
+            raise FileNotFoundError(f"{root} has no json_2.1.1/ folder; run `alfworld-download` or fix the path")
+        return root
+    # `import alfworld` sets ALFWORLD_DATA to ~/.cache/alfworld even when nothing was downloaded
+    # there, so an env var without data falls through to the archive instead of failing.
+    env_root = Path(os.environ.get("ALFWORLD_DATA", "")).expanduser()
+    if os.environ.get("ALFWORLD_DATA") and (env_root / "json_2.1.1").is_dir():
+        return env_root
+    archive = _find_archive()
+    if archive is None:
+        raise FileNotFoundError("ALFWorld data not found: run `alfworld-download` and set ALFWORLD_DATA "
+                                "to the folder that contains json_2.1.1/")
+    _unpack_once(archive, _cache_dir())
+    return _cache_dir()
+
+
+def task_type_of(game_file: str | os.PathLike) -> str:
+    task_folder = Path(game_file).parent.parent.name  # <split>/<task>/<trial>/game.tw-pddl
+    for task_type in TASK_TYPES:
+        if task_folder.startswith(task_type):
+            return task_type
+    raise ValueError(f"cannot infer the ALFWorld task type of {game_file}")
+
+
+def list_alfworld_tasks(split: str, data_dir: str | None = None) -> list[TaskSpec]:
+    split_dir = resolve_data_dir(data_dir) / "json_2.1.1" / split
+    games = sorted(str(p) for p in split_dir.glob("*/*/game.tw-pddl"))
+    return [TaskSpec(ENV_NAME, split, g, task_type_of(g)) for g in games]
+
+
+def split_intro(text: str) -> tuple[str, str]:
+    """First observation -> (goal, observation without the welcome banner)."""
+    observation = _BANNER_RE.sub("", text).strip()
+    match = _GOAL_RE.search(observation)
+    goal = match.group(1).strip() if match else ""
+    return goal, observation
+
+
+class AlfWorldEnv:
+    """One ALFWorld game at a time; `reset` loads the game file named by the task id."""
+
+    def __init__(self):
+        import textworld  # heavy imports stay inside the worker process
+        from alfworld.agents.environment.alfred_tw_env import AlfredDemangler
+
+        self._textworld = textworld
+        self._demangler = AlfredDemangler  # turns PDDL ids into names like "desk 1"
+        self._infos = textworld.EnvInfos(won=True, admissible_commands=True)
+        self._env = None
+        self._walkthrough: list[str] = []
+
+    def reset(self, task: TaskSpec) -> tuple[str, StepResult]:
+        self.close()
+        self._env = self._textworld.start(task.task_id, self._infos, wrappers=[self._demangler(shuffle=False)])
+        with open(task.task_id) as f:
+            self._walkthrough = list(json.load(f)["walkthrough"])
+        goal, observation = split_intro(self._env.reset().feedback)
+        return goal, StepResult(observation, 0.0, 0.0, False, False, self._admissible())
+
+    def step(self, action: str) -> StepResult:
+        state, _, done = self._env.step(action)
+        won = bool(state["won"])
+        # Unknown or inapplicable commands come back as the engine's own "Nothing happens.".
+        return StepResult(state.feedback.strip(), float(won), 100.0 * won, bool(done), won, self._admissible())
+
+    def _admissible(self) -> tuple[str, ...]:
+        return tuple(self._env.state["admissible_commands"])
+
+    def expert_actions(self) -> list[str]:
+        return list(self._walkthrough)
+
+    def close(self) -> None:
+        if self._env is not None:
+            self._env.close()
+            self._env = None

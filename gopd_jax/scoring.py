@@ -1,0 +1,96 @@
+"""Teacher scoring (DESIGN.md §2.2): log-probs of the sampled tokens, or hidden states for the exact KL.
+
+The teacher can be placed across devices with `shard_params` (tensor or expert parallel over one "model"
+mesh axis); the same jitted functions then run on the sharded params and XLA's sharding propagation inserts
+the collectives.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Optional
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+from gopd_jax import losses
+from gopd_jax.models import Qwen3Config, forward_hidden, output_head
+
+
+@functools.partial(jax.jit, static_argnames=("config", "chunk"))
+def teacher_logprobs(params, config: Qwen3Config, tokens, targets, mask=None, chunk: int = losses.DEFAULT_CHUNK):
+    """float32 [B, T] log p_teacher(targets[:, t] | tokens[:, :t+1]); 0 where mask (if given) is 0.
+
+    Logits are formed `chunk` time steps at a time, so no [B, T, V] tensor is materialised."""
+    hidden = forward_hidden(params, config, tokens)
+    logp, _ = losses.token_logprobs(hidden, output_head(params, config), targets, chunk=chunk)
+    return logp if mask is None else jnp.where(mask > 0, logp, 0.0)
+
+
+@functools.partial(jax.jit, static_argnames=("config",))
+def teacher_hidden(params, config: Qwen3Config, tokens):
+    """[B, T, D] final hidden states for the exact-KL loss (pair with `output_head(params, config)`)."""
+    return forward_hidden(params, config, tokens)
+
+
+def check_compatible(student_config: Qwen3Config, teacher_config: Qwen3Config, student_tokenizer=None,
+                     teacher_tokenizer=None) -> None:
+    """Raise ValueError unless student and teacher share a vocabulary (distillation compares token ids)."""
+    if student_config.vocab_size != teacher_config.vocab_size:
+        raise ValueError(f"student vocab_size {student_config.vocab_size} != teacher vocab_size "
+                         f"{teacher_config.vocab_size}: teacher and student must share a tokenizer")
+    if student_tokenizer is not None and teacher_tokenizer is not None:
+        if student_tokenizer.get_vocab() != teacher_tokenizer.get_vocab():
+            raise ValueError("student and teacher tokenizer vocabularies differ: teacher and student must share "
+                             "a tokenizer")
+
+
+# ---- sharded teacher -------------------------------------------------------------------------------------------
+
+def make_mesh(n_devices: Optional[int] = None, axis: str = "model") -> Mesh:
+    """A 1-D mesh over the first n local devices (explicit Mesh: same behaviour on jax 0.10 and 0.11)."""
+    devices = jax.devices()[:n_devices] if n_devices else jax.devices()
+    return Mesh(np.array(devices), (axis,))
+
+
+# Which dimension of each weight is split over the "model" axis. Tensor parallel: attention heads, MLP /
+# expert intermediate, vocabulary. Expert parallel: the expert axis of MoE weights. Unlisted leaves (norms,
+# router) are replicated.
+_TENSOR_DIM = {"embed": 0, "lm_head": 1, "q": 1, "k": 1, "v": 1, "o": 0, "gate": -1, "up": -1, "down": -2}
+_EXPERT_DIM = {"gate": 0, "up": 0, "down": 0}
+
+
+def _shard_dim(path, strategy: str) -> Optional[int]:
+    names = [p.key for p in path if isinstance(p, jax.tree_util.DictKey)]
+    if strategy == "tensor":
+        return _TENSOR_DIM.get(names[-1])
+    if strategy == "expert":
+        return _EXPERT_DIM.get(names[-1]) if "moe" in names else None
+    raise ValueError(f"strategy must be 'tensor' or 'expert', got {strategy!r}")
+
+
+def param_specs(params, mesh: Mesh, strategy: str = "tensor"):
+    """PartitionSpec per leaf. A dimension not divisible by the mesh axis size stays replicated."""
+    axis, = mesh.axis_names
+    size = mesh.shape[axis]
+
+    def spec(path, x):
+        dim = _shard_dim(path, strategy)
+        if dim is None or x.shape[dim] % size:
+            return PartitionSpec()
+        parts = [None] * x.ndim
+        parts[dim] = axis
+        return PartitionSpec(*parts)
+
+    return jax.tree_util.tree_map_with_path(spec, params)
+
+
+def shard_params(params, config: Qwen3Config, mesh: Mesh, strategy: str = "tensor"):
+    """Place the teacher's params across `mesh` ("tensor" or, for MoE teachers, "expert" parallel)."""
+    if strategy == "expert" and (not config.is_moe or config.num_experts % mesh.size):
+        raise ValueError(f"strategy='expert' needs a MoE config whose num_experts ({config.num_experts}) is a "
+                         f"multiple of the {mesh.size} devices; use 'tensor' otherwise")
+    specs = param_specs(params, mesh, strategy)
+    return jax.tree.map(lambda x, s: jax.device_put(x, NamedSharding(mesh, s)), params, specs)

@@ -1,0 +1,198 @@
+"""Train state, optimizer and the data-parallel update step (DESIGN.md §2.4).
+
+The update step is one pure function `step(state, batch, **loss_kwargs) -> (state, metrics)` that is either
+jitted on one device (`jit_update_step`) or pmapped over local devices (`pmap_update_step`); the two differ
+only in whether gradients and metrics are averaged over a named device axis.
+
+Loss aggregation under sharding and accumulation: each micro-batch's loss is whatever `loss_fn` returns
+(token-mean over that micro-batch) and the step averages those means with equal weight over micro-batches
+and devices. That equals the token-mean over the global batch exactly when every micro-batch holds the
+same number of loss tokens, and is a close approximation otherwise (the usual data-parallel convention).
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any, Callable, NamedTuple, Optional, Sequence, Union
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from jax import lax
+
+from gopd_jax import losses
+from gopd_jax.models import Qwen3Config, forward_hidden, output_head
+
+LossFn = Callable[..., tuple[jax.Array, dict]]  # loss_fn(params, batch, **kw) -> (scalar loss, scalar metrics)
+
+
+class TrainState(NamedTuple):
+    """Everything an update needs, as a plain pytree (checkpointable as is).
+
+    key is the run's base PRNG key (raw uint32[2], from `jax.random.PRNGKey`); derive per-step randomness as
+    `jax.random.fold_in(key, step)` so a restored (key, step) pair reproduces a run exactly.
+    step counts update steps attempted (batches consumed), including skipped non-finite ones.
+    """
+    params: Any
+    opt_state: Any
+    step: jax.Array
+    key: jax.Array
+
+
+def make_optimizer(learning_rate: Union[float, optax.Schedule] = 1e-6, *, weight_decay: float = 0.0,
+                   clip_norm: float = 1.0, b1: float = 0.9, b2: float = 0.999,
+                   eps: float = 1e-8) -> optax.GradientTransformation:
+    """AdamW behind global-norm clipping (paper: lr 1e-6, clip 1.0)."""
+    return optax.chain(optax.clip_by_global_norm(clip_norm),
+                       optax.adamw(learning_rate, b1=b1, b2=b2, eps=eps, weight_decay=weight_decay))
+
+
+def init_train_state(params, optimizer: optax.GradientTransformation, key: jax.Array) -> TrainState:
+    return TrainState(params=params, opt_state=optimizer.init(params), step=jnp.zeros((), jnp.int32),
+                      key=jnp.asarray(key, jnp.uint32))
+
+
+# ---- the update step ----------------------------------------------------------------------------------------
+
+def _is_count(name: str) -> bool:
+    """Metrics named n_* are token/row counts: summed over micro-batches and devices, not averaged."""
+    return name.startswith("n_")
+
+
+def _split_micro(batch, accum_steps: int):
+    def split(x):
+        if x.shape[0] % accum_steps:
+            raise ValueError(f"per-device batch size {x.shape[0]} is not divisible by accum_steps={accum_steps}")
+        return x.reshape(accum_steps, x.shape[0] // accum_steps, *x.shape[1:])
+    return jax.tree.map(split, batch)
+
+
+def make_update_step(loss_fn: LossFn, optimizer: optax.GradientTransformation, *,
+                     axis_name: Optional[str] = "data", accum_steps: int = 1):
+    """Build `step(state, batch, **loss_kwargs) -> (state, metrics)`.
+
+    loss_fn(params, batch, **loss_kwargs) -> (loss, metrics): bind static arguments (model config, loss
+    config) with functools.partial; loss_kwargs are traced values (e.g. beta) passed through unchanged.
+    axis_name: the pmap axis to average gradients/metrics over, or None for a single-device step.
+    accum_steps: the (per-device) batch is split into this many equal micro-batches, run sequentially with
+    `lax.scan`, and their gradients averaged, so a batch larger than device memory still fits.
+
+    Non-finite loss or gradients: the update is skipped (params and opt_state unchanged, so the optimizer's
+    own count and lr schedule do not advance), state.step still advances, and metrics["skipped"] is 1.
+    Metrics also carry "grad_norm" (before clipping).
+    """
+    grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
+
+    def step(state: TrainState, batch, **loss_kwargs):
+        def micro(grad_sum, mb):
+            (loss, metrics), grads = grad_fn(state.params, mb, **loss_kwargs)
+            return jax.tree.map(jnp.add, grad_sum, grads), {**metrics, "loss": loss}
+
+        zeros = jax.tree.map(jnp.zeros_like, state.params)
+        grad_sum, metrics = lax.scan(micro, zeros, _split_micro(batch, accum_steps))
+        grads = jax.tree.map(lambda g: g / accum_steps, grad_sum)
+        metrics = {k: jnp.sum(v, 0) if _is_count(k) else jnp.mean(v, 0) for k, v in metrics.items()}
+        if axis_name is not None:
+            grads = lax.pmean(grads, axis_name)
+            metrics = {k: (lax.psum if _is_count(k) else lax.pmean)(v, axis_name) for k, v in metrics.items()}
+
+        grad_norm = optax.tree.norm(grads)
+        finite = jnp.isfinite(metrics["loss"]) & jnp.isfinite(grad_norm)
+        updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
+        params = optax.apply_updates(state.params, updates)
+        keep = functools.partial(jax.tree.map, lambda new, old: jnp.where(finite, new, old))
+        new_state = TrainState(params=keep(params, state.params), opt_state=keep(opt_state, state.opt_state),
+                               step=state.step + 1, key=state.key)
+        metrics = {**metrics, "grad_norm": grad_norm, "skipped": 1.0 - finite.astype(jnp.float32)}
+        return new_state, metrics
+
+    return step
+
+
+def jit_update_step(loss_fn: LossFn, optimizer: optax.GradientTransformation, *, accum_steps: int = 1):
+    """Single-device update step, jitted, with the state donated."""
+    return jax.jit(make_update_step(loss_fn, optimizer, axis_name=None, accum_steps=accum_steps),
+                   donate_argnums=0)
+
+
+def pmap_update_step(loss_fn: LossFn, optimizer: optax.GradientTransformation, *, axis_name: str = "data",
+                     accum_steps: int = 1, devices: Optional[Sequence[jax.Device]] = None):
+    """Data-parallel update step over `devices` (default: all local devices), with the state donated.
+
+    Call as `step(state, batch, **loss_kwargs)` with state from `replicate` and batch from `shard_batch`;
+    loss_kwargs (e.g. beta) are host scalars/arrays broadcast to every device.
+    """
+    inner = make_update_step(loss_fn, optimizer, axis_name=axis_name, accum_steps=accum_steps)
+    # loss_kwargs travel as one positional dict so pmap can broadcast them (in_axes None) rather than map them.
+    mapped = jax.pmap(lambda state, batch, kw: inner(state, batch, **kw), axis_name=axis_name,
+                      in_axes=(0, 0, None), donate_argnums=0, devices=devices)
+    return lambda state, batch, **loss_kwargs: mapped(state, batch, loss_kwargs)
+
+
+# ---- host <-> device helpers for pmap ------------------------------------------------------------------------
+
+def replicate(tree, devices: Optional[Sequence[jax.Device]] = None):
+    """Copy every leaf to each device, stacked on a new leading device axis (the layout pmap expects).
+
+    Each device receives one copy directly; no [n_devices, ...] stack is ever built on the host."""
+    devices = list(devices or jax.local_devices())
+    sharding = jax.sharding.NamedSharding(jax.sharding.Mesh(np.array(devices), ("d",)),
+                                          jax.sharding.PartitionSpec("d"))
+
+    def put(x):
+        x = np.asarray(x) if not isinstance(x, jax.Array) else x
+        shards = [jax.device_put(x[None], d) for d in devices]
+        return jax.make_array_from_single_device_arrays((len(devices), *x.shape), sharding, shards)
+
+    return jax.tree.map(put, tree)
+
+
+def unreplicate(tree):
+    """The first device's copy of a replicated tree (no cross-device traffic)."""
+    return jax.tree.map(lambda x: x.addressable_data(0)[0] if isinstance(x, jax.Array) else x[0], tree)
+
+
+def shard_batch(batch, n_devices: int):
+    """Reshape every [global_B, ...] leaf to [n_devices, global_B / n_devices, ...]."""
+    def shard(x):
+        if x.shape[0] % n_devices:
+            raise ValueError(f"global batch size {x.shape[0]} is not divisible by the {n_devices} devices; "
+                             "pad or drop rows so every device gets the same number")
+        return x.reshape(n_devices, x.shape[0] // n_devices, *x.shape[1:])
+    return jax.tree.map(shard, batch)
+
+
+# ---- losses -------------------------------------------------------------------------------------------------
+
+def sft_loss_fn(params, batch, config: Qwen3Config, chunk: int = losses.DEFAULT_CHUNK):
+    """Token-mean cross-entropy on batch["targets"] where batch["loss_mask"] is set (assistant tokens).
+
+    batch: "tokens", "targets", "loss_mask", all [B, T]. Bind config with functools.partial."""
+    hidden = forward_hidden(params, config, batch["tokens"])
+    loss = losses.sft_loss(hidden, output_head(params, config), batch["targets"], batch["loss_mask"], chunk=chunk)
+    return loss, {"n_tokens": jnp.sum(batch["loss_mask"].astype(jnp.float32))}
+
+
+def distill_loss_fn(params, batch, beta, teacher_head=None, *, config: Qwen3Config,
+                    loss_config: losses.LossConfig = losses.LossConfig()):
+    """The Guided-OPD loss of the student `params` on a rollout batch (see losses.distill_loss).
+
+    batch: "tokens" plus the owner masks and log-probs; for the exact estimator also "teacher_hidden"
+    [B, T, D_teacher], with the teacher's output head passed as `teacher_head`. Bind config and loss_config
+    with functools.partial; beta (traced) and teacher_head travel as loss kwargs."""
+    hidden = forward_hidden(params, config, batch["tokens"])
+    return losses.distill_loss(hidden, output_head(params, config), batch, beta, loss_config,
+                               teacher_hidden=batch.get("teacher_hidden"), teacher_head=teacher_head)
+
+
+def with_compute_dtype(loss_fn: LossFn, dtype) -> LossFn:
+    """Mixed precision: keep float32 master params in the state, run the loss with params cast to dtype
+    (gradients flow back to the float32 copy)."""
+    def cast(x):
+        return x.astype(dtype) if jnp.issubdtype(x.dtype, jnp.floating) else x
+
+    @functools.wraps(loss_fn)
+    def wrapped(params, batch, **kw):
+        return loss_fn(jax.tree.map(cast, params), batch, **kw)
+    return wrapped

@@ -1,0 +1,65 @@
+"""Prompt format and action parsing (pure functions)."""
+import pytest
+
+from gopd_jax.envs import StepResult
+from gopd_jax.envs.prompting import (INVALID_ACTION_FEEDBACK, MAX_TURNS, build_messages, invalid_step_result,
+                                     parse_action)
+
+
+@pytest.mark.parametrize("reply, expected", [
+    ("<think>go</think><action>go to desk 1</action>", "go to desk 1"),
+    ("<action>  go   to\n desk 1 \n</action>", "go to desk 1"),
+    ("<action>look</action> then <action>go to desk 2</action>", "go to desk 2"),
+    ("<think>maybe <action>look</action></think><action>inventory</action>", "inventory"),
+    ("<action>a <action>go to bed 1</action>", "go to bed 1"),
+    ("<action>look</action><action>go to desk 2", "look"),
+    ("go to desk 1", None),
+    ("<think>no action</think>", None),
+    ("<action>go to desk 1", None),
+    ("<action>   </action>", None),
+    ("<ACTION>look</ACTION>", None),
+    ("", None),
+])
+def test_parse_action(reply, expected):
+    assert parse_action(reply) == expected
+
+
+def _messages(history, k=2, think=True):
+    return build_messages("put a mug in the sink", history, "You see a sink 1.", ("go to sink 1", "look"),
+                          "alfworld", k_history=k, think=think)
+
+
+def test_messages_show_only_last_k_pairs():
+    history = [(f"obs {i}", f"act {i}") for i in range(5)]
+    system, user = _messages(history)
+    assert system["role"] == "system" and user["role"] == "user"
+    assert "<action>" in system["content"] and "<think>" in system["content"]
+    text = user["content"]
+    for i in range(3):
+        assert f"obs {i}" not in text and f"act {i}" not in text
+    assert "Step 4\nObservation: obs 3\nAction: act 3" in text
+    assert "Step 5\nObservation: obs 4\nAction: act 4" in text
+    assert text.index("act 4") < text.index("You see a sink 1.") < text.index("go to sink 1")
+    assert "put a mug in the sink" in text and "5 steps so far" in text
+
+
+def test_messages_first_turn_no_think_and_determinism():
+    system, user = _messages([], think=False)
+    assert "steps so far" not in user["content"] and "Step " not in user["content"]
+    assert "<think>" not in system["content"] + user["content"]
+    assert _messages([("a", "b")]) == _messages([("a", "b")])
+    assert "Step" not in _messages([("a", "b")], k=0)[1]["content"]
+
+
+def test_unknown_env_prompt():
+    with pytest.raises(ValueError, match="alfworld"):
+        build_messages("g", [], "o", (), "nethack")
+
+
+def test_invalid_step_result_keeps_env_state():
+    prev = StepResult("You see a sink 1.", 0.0, 25.0, False, False, ("look",), {})
+    result = invalid_step_result(prev, "scienceworld")
+    assert result.observation == INVALID_ACTION_FEEDBACK["scienceworld"]
+    assert result.info == {"invalid_action": True} and not result.done
+    assert result.score == 25.0 and result.admissible_actions == ("look",) and result.reward == 0.0
+    assert MAX_TURNS == {"alfworld": 30, "scienceworld": 30, "webshop": 15}
