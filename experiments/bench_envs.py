@@ -30,13 +30,13 @@ def bench(env_name: str, split: str, workers: int, steps: int, reset_rounds: int
             "resets_per_s": resets_per_s}
 
 
-def main() -> None:
+def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--env", default="alfworld")
     parser.add_argument("--split", default=None, help=f"default: {DEFAULT_SPLIT}")
     parser.add_argument("--workers", type=int, nargs="+", default=[1, 2])
     parser.add_argument("--steps", type=int, default=200)
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     split = args.split or DEFAULT_SPLIT[args.env]
     print(f"env={args.env} split={split} steps={args.steps} (expert replay; a slot resets to the next task "
           "when its episode ends)")

@@ -52,14 +52,14 @@ def compiled_grad(loss_fn, args):
     return jax.jit(f).lower(*args).compile()
 
 
-def main():
+def main(argv=None):
     parser = argparse.ArgumentParser()
     parser.add_argument("--vocab", type=int, default=151_936)
     parser.add_argument("--dim", type=int, default=1024)
     parser.add_argument("--chunk", type=int, default=L.DEFAULT_CHUNK)
     parser.add_argument("--shapes", default="1x256,1x512,2x1024", help="BxT list")
     parser.add_argument("--time-shapes", default="1x256", help="BxT list also run and timed (best of 2)")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
 
     variants = {
         "sampled": lambda h, w, b, beta, th, tw: L.distill_loss(h, w, b, beta, L.LossConfig(chunk=args.chunk)),

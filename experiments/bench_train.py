@@ -35,7 +35,7 @@ def random_batch(config: Qwen3Config, batch: int, seq: int, seed: int = 0):
     return {"tokens": tokens, "targets": targets, "loss_mask": np.ones((batch, seq), np.float32)}
 
 
-def main():
+def main(argv=None):
     parser = argparse.ArgumentParser()
     parser.add_argument("--preset", choices=sorted(PRESETS), help="published shapes (default: a small config)")
     parser.add_argument("--layers", type=int, default=4)
@@ -48,7 +48,7 @@ def main():
     parser.add_argument("--compute-dtype", default=None, help="e.g. bfloat16 (default: bf16 on GPU, f32 on CPU)")
     parser.add_argument("--steps", type=int, default=5)
     parser.add_argument("--peak-tflops", type=float, default=989.0, help="H100 dense bf16")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
 
     config = PRESETS[args.preset] if args.preset else Qwen3Config(
         vocab_size=args.vocab, hidden_size=args.dim, intermediate_size=3 * args.dim,

@@ -37,22 +37,22 @@ class MiniConfig:
     env: str = "alfworld"
     corpus_tasks: int = 48
     vocab_size: int = 1024
-    teacher_layers: int = 4
-    teacher_hidden: int = 192
-    teacher_experts: int = 8
-    teacher_sft_steps: int = 120
-    student_hidden: tuple[int, ...] = (64, 128)
+    teacher_layers: int = 2
+    teacher_hidden: int = 128
+    teacher_experts: int = 4
+    teacher_sft_steps: int = 80
+    student_hidden: tuple[int, ...] = (48, 96)
     student_layers: int = 2
-    warmup_sft_steps: int = 10
-    distill_steps: int = 40
-    batch_tasks: int = 8
+    warmup_sft_steps: int = 8
+    distill_steps: int = 16
+    batch_tasks: int = 6
     learning_rate: float = 2e-3
     methods: tuple[str, ...] = ("opd", "guided_opd", "sft")
     seeds: tuple[int, ...] = (0, 1, 2)
-    max_turns: int = 20
+    max_turns: int = 15
     max_new_tokens: int = 24
-    eval_limit: int = 134
-    num_workers: int = 2
+    eval_limit: int = 40
+    num_workers: int = 8
     progress: bool = True
 
 
@@ -61,7 +61,7 @@ PRESETS = {
     "quick": MiniConfig(out_dir="runs/quickstart", corpus_tasks=8, vocab_size=512, teacher_layers=2,
                         teacher_hidden=64, teacher_experts=4, teacher_sft_steps=6, student_hidden=(32,),
                         warmup_sft_steps=2, distill_steps=3, batch_tasks=2, methods=("opd", "guided_opd"),
-                        seeds=(0,), max_turns=4, max_new_tokens=12, eval_limit=4),
+                        seeds=(0,), max_turns=4, max_new_tokens=12, eval_limit=4, num_workers=2),
 }
 
 
@@ -127,6 +127,7 @@ def run(mini: MiniConfig) -> str:
                                               method="sft", student=teacher_init, teacher=teacher_init,
                                               steps=mini.teacher_sft_steps))
     rows = [("teacher (SFT, MoE)", teacher_cfg.num_params(), "-", [teacher_eval])]
+    students = {}
     for hidden in mini.student_hidden:
         s_cfg = _dense(vocab, hidden, mini.student_layers)
         init = random_checkpoint(s_cfg, tokenizer, root / f"student_d{hidden}_init", seed=1)
@@ -134,16 +135,19 @@ def run(mini: MiniConfig) -> str:
                                             method="sft", student=init, teacher=teacher,
                                             steps=mini.warmup_sft_steps))
         rows.append((f"student d{hidden} (start)", s_cfg.num_params(), "warm-up SFT", [warm_eval]))
-        for method in mini.methods:
-            evals = []
-            for seed in mini.seeds:
+        students[hidden] = (s_cfg, warm)
+    # Seed-major order: an interrupted table still compares every method on the same seeds.
+    evals = {(h, m): [] for h in mini.student_hidden for m in mini.methods}
+    for seed in mini.seeds:
+        for hidden, (s_cfg, warm) in students.items():
+            for method in mini.methods:
                 summary, _ = train_stage(_base(mini, name=f"d{hidden}_{method}_s{seed}",
                                                out_dir=str(root / f"d{hidden}_{method}_s{seed}"), method=method,
                                                student=warm, teacher=teacher, steps=mini.distill_steps, seed=seed))
-                evals.append(summary)
-            rows.append((f"student d{hidden}", s_cfg.num_params(), method, evals))
-    table = results_table(rows, mini)
-    (root / "results.md").write_text(table)
+                evals[(hidden, method)].append(summary)
+        table = results_table(rows + [(f"student d{h}", students[h][0].num_params(), m, e)
+                                      for (h, m), e in evals.items() if e], mini)
+        (root / "results.md").write_text(table)
     print(table)
     return table
 

@@ -61,10 +61,22 @@ def sampling_distribution(logits: jax.Array, sampling: SamplingConfig) -> jax.Ar
     return jax.nn.log_softmax(logits, axis=-1)
 
 
-def _pick(key, logprobs, sampling):
+def _pick(row_keys, logprobs, sampling):
     if sampling.temperature == 0:
         return jnp.argmax(logprobs, axis=-1).astype(jnp.int32)
-    return jax.random.categorical(key, logprobs, axis=-1).astype(jnp.int32)
+    return jax.vmap(jax.random.categorical)(row_keys, logprobs).astype(jnp.int32)
+
+
+def row_keys(key: jax.Array, batch: int) -> jax.Array:
+    """One typed PRNG key per row: `key` split in `batch`, or `key` itself when it already holds one key per
+    row. Per-row keys make a row's sample independent of which other rows share its batch."""
+    if not jax.dtypes.issubdtype(key.dtype, jax.dtypes.prng_key):
+        key = jax.random.wrap_key_data(key)
+    if key.ndim == 0:
+        return jax.random.split(key, batch)
+    if key.shape != (batch,):
+        raise ValueError(f"expected one PRNG key or {batch} row keys, got key shape {key.shape}")
+    return key
 
 
 @partial(jax.jit, static_argnames=("config", "sampling"))
@@ -72,8 +84,10 @@ def generate(params, config: Qwen3Config, prompt_tokens: jax.Array, prompt_lengt
              sampling: SamplingConfig) -> Generation:
     """Sample up to `sampling.max_new_tokens` tokens for each right-padded prompt row.
 
-    prompt_tokens [B, Tp] int32, prompt_lengths [B] int32 (>= 1). Deterministic for a given key."""
+    prompt_tokens [B, Tp] int32, prompt_lengths [B] int32 (>= 1). `key`: one PRNG key, or one per row
+    ([B]); with per-row keys each row's tokens depend only on its own prompt and key. Deterministic."""
     b, tp = prompt_tokens.shape
+    keys = row_keys(key, b)
     n = sampling.max_new_tokens
     prompt_lengths = prompt_lengths.astype(jnp.int32)
     cache = init_cache(config, b, tp + n, params["embed"].dtype)
@@ -87,7 +101,7 @@ def generate(params, config: Qwen3Config, prompt_tokens: jax.Array, prompt_lengt
     def body(state):
         i, tokens, logps, done, logits, cache = state
         dist = sampling_distribution(logits, sampling)
-        token = _pick(jax.random.fold_in(key, i), dist, sampling)
+        token = _pick(jax.vmap(jax.random.fold_in, in_axes=(0, None))(keys, i), dist, sampling)
         logp = jnp.take_along_axis(dist, token[:, None], axis=-1)[:, 0]
         token = jnp.where(done, sampling.pad_id, token)
         tokens = tokens.at[:, i].set(token)

@@ -50,7 +50,7 @@ class RolloutConfig:
     k_history: int = 2
     think: bool = True
     max_prompt_tokens: int = 10_240
-    length_bucket: int = 64  # prompt lengths round up to this, so few shapes are compiled
+    length_bucket: int = 256  # prompt lengths round up to a multiple of this, so few shapes are compiled
 
     @property
     def turn_limit(self) -> int:
@@ -81,6 +81,7 @@ class _Live:
     goal: str
     last: StepResult
     owners: np.ndarray  # [turn_limit] bool, True = teacher
+    key: jax.Array  # the episode's PRNG key: owners and every turn's sampling derive from it
     turns: list[Turn] = dataclasses.field(default_factory=list)
     history: list[tuple[str, str]] = dataclasses.field(default_factory=list)
     invalid: int = 0
@@ -145,13 +146,14 @@ class RolloutRunner:
         return np.asarray(self.tokenizer.encode(text, add_special_tokens=False) + [self.sampling.stop_token_ids[0]],
                           np.int32)
 
-    def _generate(self, policy, prompts: list[np.ndarray], key, episodes: list[_Live]):
+    def _generate(self, policy, prompts: list[np.ndarray], keys: list[jax.Array], episodes: list[_Live]):
         if isinstance(policy, ExpertPolicy):
             replies = [self.expert_reply(ep.expert_actions[len(ep.turns)]) if len(ep.turns) < len(ep.expert_actions)
                        else np.asarray(self.sampling.stop_token_ids[:1], np.int32) for ep in episodes]
             return [(r, np.zeros(len(r), np.float32)) for r in replies]
         tokens, lengths = _pad_batch(prompts, self.config.length_bucket)
-        out = jax.device_get(generate(policy.params, policy.config, jnp.asarray(tokens), jnp.asarray(lengths), key,
+        keys = jnp.stack(keys + keys[:1] * (len(tokens) - len(keys)))  # dummy rows reuse a key
+        out = jax.device_get(generate(policy.params, policy.config, jnp.asarray(tokens), jnp.asarray(lengths), keys,
                                       self.sampling))
         return [(out.tokens[i, :out.lengths[i]], out.logprobs[i, :out.lengths[i]]) for i in range(len(prompts))]
 
@@ -198,7 +200,9 @@ class RolloutRunner:
                     continue
                 prompts = [self._prompt(live[s]) for s in slots]
                 t0 = time.perf_counter()
-                outs = self._generate(policies[owner], prompts, jax.random.fold_in(key, calls), [live[s] for s in slots])
+                # Keys per (task, turn): a rollout does not depend on how env timing grouped the rows.
+                keys = [jax.random.fold_in(live[s].key, t[s]) for s in slots]
+                outs = self._generate(policies[owner], prompts, keys, [live[s] for s in slots])
                 stats["generate_s"] += time.perf_counter() - t0
                 calls += 1
                 actions = {}
@@ -215,8 +219,9 @@ class RolloutRunner:
                 if slot in starting:
                     idx = starting.pop(slot)
                     goal, first = res if isinstance(res, tuple) else ("", res)
-                    ep = _Live(tasks[idx], goal, first, owner_fn(jax.random.fold_in(key, 1_000_003 + idx),
-                                                                 c.turn_limit))
+                    ep_key = jax.random.fold_in(key, idx)
+                    ep = _Live(tasks[idx], goal, first, owner_fn(jax.random.fold_in(ep_key, 1_000_003), c.turn_limit),
+                               key=ep_key)
                     live[slot] = ep
                     if first.done:  # the environment died during reset
                         finish(slot, ep)
@@ -244,15 +249,16 @@ class RolloutRunner:
 
 # ---- training samples -------------------------------------------------------------------------
 
-def training_batch(turns: Sequence[Turn], *, pad_id: int = 0, row_multiple: int = 1, length_bucket: int = 64,
+def training_batch(turns: Sequence[Turn], *, pad_id: int = 0, row_multiple: int = 1, min_width: int = 128,
                    max_len: int | None = None) -> dict[str, np.ndarray]:
-    """One row per turn: prompt ids + response ids, right padded. Masks mark the response tokens of
-    student-owned and teacher-owned turns (aligned with `targets`, the next-token ids); prompt and
-    padding positions carry no mask. Rows are padded to a multiple of `row_multiple` with empty rows."""
+    """One row per turn: prompt ids + response ids, right padded to a power of two (>= min_width, so a run
+    compiles its update for a handful of widths only). Masks mark the response tokens of student-owned and
+    teacher-owned turns (aligned with `targets`, the next-token ids); prompt and padding positions carry no
+    mask. Rows are padded to a multiple of `row_multiple` with empty rows."""
     if not turns:
         raise ValueError("training_batch needs at least one turn")
     lengths = [len(t.prompt_ids) + len(t.response_ids) for t in turns]
-    width = -(-max(lengths) // length_bucket) * length_bucket
+    width = max(min_width, 1 << (max(lengths) - 1).bit_length())
     if max_len is not None and width > max_len:
         raise ValueError(f"a turn has {max(lengths)} tokens, more than max_len={max_len}; raise max_len or lower "
                          "max_prompt_tokens / max_new_tokens")

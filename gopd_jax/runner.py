@@ -8,6 +8,7 @@ would have done.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import json
 import time
@@ -66,6 +67,18 @@ def evaluate_policy(runner: RolloutRunner, tasks, policy, key, progress: bool = 
     summary["success_by_turn"] = success_by_turn(results, runner.config.turn_limit)
     summary["rollout"] = stats
     return summary, episodes
+
+
+def evaluate_checkpoint(cfg: ExperimentConfig, checkpoint: str) -> dict:
+    """Evaluate one Hugging Face checkpoint alone on cfg's eval split with cfg's rollout settings."""
+    cfg = dataclasses.replace(cfg, student=checkpoint, teacher=checkpoint).validate()
+    params, config = load_hf_checkpoint(checkpoint, dtype=jnp.dtype(cfg.compute_dtype))
+    tokenizer = load_tokenizer(cfg.tokenizer or checkpoint)
+    tasks = list_tasks(cfg.env, cfg.eval_split, data_dir=cfg.data_dir or None)[:cfg.eval_limit or None]
+    with EnvPool(cfg.env, {"data_dir": cfg.data_dir} if cfg.data_dir else {}, num_workers=cfg.num_workers) as pool:
+        summary, _ = evaluate_policy(RolloutRunner(pool, tokenizer, rollout_config(cfg, evaluation=True)), tasks,
+                                     Policy(params, config), jax.random.PRNGKey(cfg.seed), cfg.progress)
+    return summary
 
 
 def _kl_by_turn(turns, batch, max_turns: int) -> list[float | None]:

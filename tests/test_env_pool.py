@@ -112,3 +112,14 @@ def test_unknown_env_name_is_a_clear_error():
         EnvPool("webshopp", num_workers=1)
     with pytest.raises(ValueError, match="alfworld, scienceworld"):
         make_env("nope")
+
+
+def test_evaluate_expert_summary():
+    from gopd_jax.evaluate import evaluate_expert, format_table
+
+    summary = evaluate_expert("alfworld", "valid_unseen", limit=3, num_workers=2)
+    assert summary["n"] == 3 and summary["success_rate"] == 100.0 and summary["score"] == 100.0
+    assert summary["env_failures"] == 0 and summary["rounds"] > 1
+    assert summary["by_task_type"]["look_at_obj_in_light"]["n"] == 3
+    table = format_table(summary)
+    assert "| **all** | 3 | 100.00 | 100.00 |" in table and "look_at_obj_in_light" in table

@@ -82,6 +82,17 @@ def test_deterministic_per_key(setup):
     assert not np.array_equal(np.asarray(a.tokens), np.asarray(c.tokens))
 
 
+def test_row_sample_independent_of_batch_company(setup):
+    params, prompts, lengths = setup
+    s = SamplingConfig(max_new_tokens=8)
+    keys = jax.random.split(jax.random.key(9), 4)
+    full = generate(params, CFG, prompts, lengths, keys, s)
+    alone = generate(params, CFG, prompts[2:3], lengths[2:3], keys[2:3], s)
+    np.testing.assert_array_equal(full.tokens[2], alone.tokens[0])
+    with pytest.raises(ValueError, match="row keys"):
+        generate(params, CFG, prompts, lengths, keys[:3], s)
+
+
 def test_top_k_and_top_p_filter_the_distribution():
     logits = jnp.log(jnp.array([[0.5, 0.25, 0.15, 0.1]]))
     topk = np.exp(np.asarray(sampling_distribution(logits, SamplingConfig(top_k=2))))

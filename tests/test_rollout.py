@@ -87,7 +87,7 @@ def test_mixed_rollout_owner_counts_follow_beta(tokenizer, pool, tasks, beta):
         assert 0 < owners.sum() < len(owners)
     for e in episodes:  # each turn's owner is the pre-drawn one for that episode and turn index
         idx = tasks.index(e.task)
-        drawn = owners_from_beta(beta)(jax.random.fold_in(key, 1_000_003 + idx), cfg.turn_limit)
+        drawn = owners_from_beta(beta)(jax.random.fold_in(jax.random.fold_in(key, idx), 1_000_003), cfg.turn_limit)
         assert [t.owner == TEACHER for t in e.turns] == list(drawn[:len(e.turns)])
         # random models rarely close an <action> tag: those turns are invalid actions, not crashes
         assert e.result.invalid_actions == sum(t.action is None for t in e.turns)

@@ -1,0 +1,46 @@
+"""Shared driver of the paper-table modules: a base config from the command line, a set of named variants,
+one runner call each (finished variants are skipped, so a grid resumes), and a markdown table of results."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+from pathlib import Path
+
+from gopd_jax.experiment import ExperimentConfig, add_config_args, config_from_args
+from gopd_jax.runner import run_experiment
+
+
+def parse_base(description: str, defaults: ExperimentConfig, argv=None, extra=None) -> tuple[ExperimentConfig, argparse.Namespace]:
+    ap = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
+    if extra:
+        extra(ap)
+    add_config_args(ap, defaults)
+    args = ap.parse_args(argv)
+    return config_from_args(args), args
+
+
+def run_variants(base: ExperimentConfig, variants: dict[str, dict], title: str) -> str:
+    """Run `base` with each variant's field overrides under base.out_dir/<variant>; returns the table."""
+    root = Path(base.out_dir)
+    configs = {name: dataclasses.replace(base, name=f"{base.name}/{name}", out_dir=str(root / name), **over)
+               for name, over in variants.items()}
+    for cfg in configs.values():
+        cfg.validate()  # every variant fails before the first one starts
+    results = {}
+    for name, cfg in configs.items():
+        done = Path(cfg.out_dir) / "final_eval.json"
+        results[name] = json.loads(done.read_text()) if done.is_file() else run_experiment(cfg)
+    table = results_table(results, title)
+    root.mkdir(parents=True, exist_ok=True)
+    (root / "results.md").write_text(table)
+    print(table)
+    return table
+
+
+def results_table(results: dict[str, dict], title: str) -> str:
+    lines = [f"# {title}", "", "| variant | Score | Success Rate (%) | Rounds | n |", "|---|---|---|---|---|"]
+    lines += [f"| {name} | {r['score']:.2f} | {r['success_rate']:.2f} | {r['rounds']:.2f} | {r['n']} |"
+              for name, r in results.items()]
+    return "\n".join(lines) + "\n"

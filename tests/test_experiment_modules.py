@@ -1,0 +1,27 @@
+"""Every experiment module answers --help, and the config flags map onto ExperimentConfig fields."""
+
+import importlib
+
+import pytest
+
+from gopd_jax.experiment import ExperimentConfig
+
+MODULES = ["ablation_schedule", "ablation_kl", "baselines", "evaluate", "main_table", "mini_repro", "quickstart",
+           "bench_generate", "bench_train", "bench_losses", "bench_envs"]
+
+
+@pytest.mark.parametrize("name", MODULES)
+def test_help(name, capsys):
+    module = importlib.import_module(f"experiments.{name}")
+    with pytest.raises(SystemExit) as exit_info:
+        module.main(["--help"])
+    assert exit_info.value.code == 0
+    assert "usage" in capsys.readouterr().out
+
+
+def test_flags_override_config():
+    from experiments.grid import parse_base
+
+    cfg, _ = parse_base("x", ExperimentConfig(), ["--steps", "7", "--think", "false", "--learning-rate", "3e-4",
+                                                  "--method", "tcod"])
+    assert (cfg.steps, cfg.think, cfg.learning_rate, cfg.method) == (7, False, 3e-4, "tcod")
