@@ -40,18 +40,18 @@ class MiniConfig:
     teacher_layers: int = 2
     teacher_hidden: int = 128
     teacher_experts: int = 4
-    teacher_sft_steps: int = 80
+    teacher_sft_steps: int = 60
     student_hidden: tuple[int, ...] = (48, 96)
     student_layers: int = 2
-    warmup_sft_steps: int = 8
-    distill_steps: int = 16
+    warmup_sft_steps: int = 6
+    distill_steps: int = 12
     batch_tasks: int = 6
     learning_rate: float = 2e-3
     methods: tuple[str, ...] = ("opd", "guided_opd", "sft")
     seeds: tuple[int, ...] = (0, 1, 2)
     max_turns: int = 15
     max_new_tokens: int = 24
-    eval_limit: int = 40
+    eval_limit: int = 30
     num_workers: int = 8
     progress: bool = True
 

@@ -47,6 +47,11 @@ def make_curriculum(cfg: ExperimentConfig):
     return {"cosine": cur.cosine_to_zero, "linear": cur.linear_to_zero}[cfg.curriculum](cfg.steps, cfg.rho)
 
 
+def env_kwargs(cfg: ExperimentConfig, expert: bool) -> dict:
+    """ScienceWorld computes gold paths at every reset (up to ~30 s on some tasks): only when the expert plays."""
+    return {"gold_path": expert} if cfg.env == "scienceworld" else {}
+
+
 def rollout_config(cfg: ExperimentConfig, evaluation: bool = False) -> RolloutConfig:
     return RolloutConfig(env=cfg.env, max_turns=cfg.max_turns or None, max_new_tokens=cfg.max_new_tokens,
                          temperature=cfg.eval_temperature if evaluation else cfg.temperature,
@@ -75,7 +80,7 @@ def evaluate_checkpoint(cfg: ExperimentConfig, checkpoint: str) -> dict:
     params, config = load_hf_checkpoint(checkpoint, dtype=jnp.dtype(cfg.compute_dtype))
     tokenizer = load_tokenizer(cfg.tokenizer or checkpoint)
     tasks = list_tasks(cfg.env, cfg.eval_split, data_dir=cfg.data_dir or None)[:cfg.eval_limit or None]
-    with EnvPool(cfg.env, {"data_dir": cfg.data_dir} if cfg.data_dir else {}, num_workers=cfg.num_workers) as pool:
+    with EnvPool(cfg.env, env_kwargs(cfg, expert=False), num_workers=cfg.num_workers) as pool:
         summary, _ = evaluate_policy(RolloutRunner(pool, tokenizer, rollout_config(cfg, evaluation=True)), tasks,
                                      Policy(params, config), jax.random.PRNGKey(cfg.seed), cfg.progress)
     return summary
@@ -183,7 +188,8 @@ def run_experiment(cfg: ExperimentConfig) -> dict:
 
     logger = MetricsLogger(out, resume_from=start)
     base_key = jax.random.PRNGKey(cfg.seed)
-    with EnvPool(cfg.env, {"data_dir": data_dir} if data_dir else {}, num_workers=cfg.num_workers) as pool:
+    # Task ids carry the data path, so workers need no data_dir.
+    with EnvPool(cfg.env, env_kwargs(cfg, expert=cfg.method == "sft"), num_workers=cfg.num_workers) as pool:
         runner = RolloutRunner(pool, tokenizer, rollout_config(cfg))
         eval_runner = RolloutRunner(pool, tokenizer, rollout_config(cfg, evaluation=True))
         turn_limit = runner.config.turn_limit

@@ -114,6 +114,11 @@ def test_unknown_env_name_is_a_clear_error():
         make_env("nope")
 
 
+def test_env_that_cannot_start_is_a_clear_error():
+    with pytest.raises(RuntimeError, match="failed to start(.|\n)*unexpected keyword argument 'bogus'"):
+        EnvPool("alfworld", {"bogus": 1}, num_workers=1)
+
+
 def test_evaluate_expert_summary():
     from gopd_jax.evaluate import evaluate_expert, format_table
 

@@ -72,10 +72,13 @@ class EnvPool:
                          "expert_actions": step_timeout_s, "ping": 0.0}
         self.restarts = 0
         self._workers = [_Worker(env_name, self.env_kwargs) for _ in range(num_workers)]
-        for slot, (status, value) in self._run({s: ("ping", ()) for s in self.slots}).items():
+        failed = self._run({s: ("ping", ()) for s in self.slots})
+        # A failed worker was already replaced; ping the replacements once before giving up.
+        failed = self._run({s: ("ping", ()) for s, (status, _) in failed.items() if status != "ok"})
+        for slot, (status, value) in failed.items():
             if status != "ok":
                 self.close()
-                raise RuntimeError(f"{env_name} worker {slot} failed to start:\n{value}")
+                raise RuntimeError(f"{env_name} worker {slot} failed to start twice:\n{value}")
 
     @property
     def slots(self) -> range:
