@@ -161,20 +161,22 @@ def results_table(rows, mini: MiniConfig) -> str:
     lines = [f"# Mini-scale Guided-OPD reproduction ({mini.env}, {mini.eval_limit} valid_unseen games)", "",
              f"seeds {list(mini.seeds)}; distillation steps {mini.distill_steps} x {mini.batch_tasks} tasks; "
              f"eval temperature 0.4, beta 0", "",
-             "| model | params | method | Score | Success Rate (%) | Rounds |", "|---|---|---|---|---|---|"]
+             "| model | params | method | Score | Success Rate (%) | Rounds | valid actions (%) |",
+             "|---|---|---|---|---|---|---|"]
     by = {}
     for name, n, method, evals in rows:
         lines.append(f"| {name} | {n / 1e6:.2f}M | {method} | {_ms([e['score'] for e in evals])} | "
-                     f"{_ms([e['success_rate'] for e in evals])} | {_ms([e['rounds'] for e in evals])} |")
+                     f"{_ms([e['success_rate'] for e in evals])} | {_ms([e['rounds'] for e in evals])} | "
+                     f"{_ms([e['valid_action_rate'] for e in evals])} |")
         by[(name, method)] = evals
     lines += ["", "Relative change of Guided-OPD over vanilla OPD (paper, DESIGN.md §3: +21.1% Score, +25.5% "
-                  "Success Rate, -6.0% Rounds on average):", "", "| student | Score | Success Rate | Rounds |",
-              "|---|---|---|---|"]
+                  "Success Rate, -6.0% Rounds on average):", "", "| student | Score | Success Rate | Rounds | valid actions |",
+              "|---|---|---|---|---|"]
     for name, _, method, _ in rows:
         if method == "guided_opd" and (name, "opd") in by:
             g, o = by[(name, "guided_opd")], by[(name, "opd")]
             cells = []
-            for k in ("score", "success_rate", "rounds"):
+            for k in ("score", "success_rate", "rounds", "valid_action_rate"):
                 a, b = statistics.fmean(e[k] for e in g), statistics.fmean(e[k] for e in o)
                 cells.append(f"{100 * (a - b) / b:+.1f}%" if b else f"{a - b:+.2f} (abs; OPD at 0)")
             lines.append(f"| {name} | " + " | ".join(cells) + " |")

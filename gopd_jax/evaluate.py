@@ -15,7 +15,8 @@ class EpisodeResult:
     score: float  # final 0-100 score
     rounds: int  # turns taken
     env_failed: bool = False
-    invalid_actions: int = 0
+    invalid_actions: int = 0  # replies without a parsable <action> tag
+    inadmissible_actions: int = 0  # parsable actions that were not among the admissible ones
     turns: list = dataclasses.field(default_factory=list)  # optional per-turn records (owners, ...)
 
 
@@ -26,7 +27,10 @@ def _metrics(results: list[EpisodeResult]) -> dict[str, float]:
             "success_rate": 100.0 * sum(r.won for r in results) / n,
             "rounds": sum(r.rounds for r in results) / n,
             "env_failures": sum(r.env_failed for r in results),
-            "invalid_actions": sum(r.invalid_actions for r in results)}
+            "invalid_actions": sum(r.invalid_actions for r in results),
+            # A graded signal of policy quality that moves long before success does (tiny models).
+            "valid_action_rate": 100.0 * (1 - sum(r.invalid_actions + r.inadmissible_actions for r in results)
+                                          / max(1, sum(r.rounds for r in results)))}
 
 
 def summarize(results: list[EpisodeResult]) -> dict[str, Any]:
@@ -41,10 +45,10 @@ def summarize(results: list[EpisodeResult]) -> dict[str, Any]:
 
 def format_table(summary: dict[str, Any]) -> str:
     rows = [*summary["by_task_type"].items(), ("**all**", summary)]
-    lines = ["| task type | n | Score | Success Rate (%) | Rounds | env failures | invalid actions |",
-             "|---|---|---|---|---|---|---|"]
+    lines = ["| task type | n | Score | Success Rate (%) | Rounds | valid actions (%) | env failures | "
+             "invalid actions |", "|---|---|---|---|---|---|---|---|"]
     lines += [f"| {name} | {m['n']} | {m['score']:.2f} | {m['success_rate']:.2f} | {m['rounds']:.2f} | "
-              f"{m['env_failures']} | {m['invalid_actions']} |" for name, m in rows]
+              f"{m['valid_action_rate']:.1f} | {m['env_failures']} | {m['invalid_actions']} |" for name, m in rows]
     return "\n".join(lines)
 
 

@@ -85,6 +85,7 @@ class _Live:
     turns: list[Turn] = dataclasses.field(default_factory=list)
     history: list[tuple[str, str]] = dataclasses.field(default_factory=list)
     invalid: int = 0
+    inadmissible: int = 0
     expert_actions: list[str] = dataclasses.field(default_factory=list)
 
 
@@ -187,6 +188,7 @@ class RolloutRunner:
             episodes.append(Episode(ep.task, ep.goal, ep.turns, EpisodeResult(
                 task=ep.task, won=r.won, score=r.score, rounds=len(ep.turns),
                 env_failed=bool(r.info.get("env_failed")), invalid_actions=ep.invalid,
+                inadmissible_actions=ep.inadmissible,
                 turns=[t.owner for t in ep.turns])))
             bar.update(1)
 
@@ -233,6 +235,7 @@ class RolloutRunner:
                     ep.invalid += 1
                     turn.result = invalid_step_result(ep.last, c.env)
                 else:
+                    ep.inadmissible += bool(ep.last.admissible_actions) and action not in ep.last.admissible_actions
                     turn.result = results[slot]
                 ep.turns.append(turn)
                 ep.history.append((ep.last.observation, action if action is not None else "(invalid)"))

@@ -113,3 +113,17 @@ def test_tcod_owners_and_killed_worker_is_reported(tokenizer, tasks):
     assert len(episodes) == 3 and len(failed) == 2
     ok = [e for e in episodes if not e.result.env_failed][0]
     assert [t.owner for t in ok.turns] == [STUDENT, STUDENT, TEACHER, TEACHER]
+
+
+def test_inadmissible_action_is_counted_and_answered_by_the_env(tokenizer, pool, tasks):
+    from gopd_jax.evaluate import summarize
+
+    policy = scripted_policy(tokenizer, "<action>dance</action>", _prompt_end_token(tokenizer))
+    cfg = RolloutConfig(env="alfworld", max_turns=2, max_new_tokens=12, temperature=0.0, think=False)
+    episodes, _ = RolloutRunner(pool, tokenizer, cfg).run(tasks[:1], {STUDENT: policy, TEACHER: policy},
+                                                          owners_from_beta(0.0), jax.random.key(0), progress=False)
+    (ep,) = episodes
+    assert [t.action for t in ep.turns] == ["dance", "dance"]
+    assert [t.result.observation for t in ep.turns] == ["Nothing happens.", "Nothing happens."]
+    assert ep.result.invalid_actions == 0 and ep.result.inadmissible_actions == 2
+    assert summarize([ep.result])["valid_action_rate"] == 0.0
