@@ -7,6 +7,7 @@ measured mini-scale table is experiments/results/ (python -m experiments.mini_re
 """
 
 import argparse
+import dataclasses
 
 from experiments.mini_repro import PRESETS, run
 
@@ -15,8 +16,6 @@ def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out-dir", default=PRESETS["quick"].out_dir)
     args = ap.parse_args(argv)
-    import dataclasses
-
     run(dataclasses.replace(PRESETS["quick"], out_dir=args.out_dir))
 
 

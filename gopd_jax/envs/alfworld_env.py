@@ -55,8 +55,8 @@ def _unpack_once(archive: Path, dest: Path) -> None:
 
 
 def resolve_data_dir(data_dir: str | os.PathLike | None = None) -> Path:
-    """The directory holding `json_2.1.1/`: explicit arg, else $ALFWORLD_DATA, else the project's
-    archive unpacked once into the cache."""
+    """The directory holding `json_2.1.1/`: explicit arg, else $ALFWORLD_DATA, else the cache where an
+    earlier run unpacked the project's archive, else that archive unpacked once into the cache."""
     if data_dir is not None:
         root = Path(data_dir).expanduser()
         if not (root / "json_2.1.1").is_dir():
@@ -67,6 +67,8 @@ def resolve_data_dir(data_dir: str | os.PathLike | None = None) -> Path:
     env_root = Path(os.environ.get("ALFWORLD_DATA", "")).expanduser()
     if os.environ.get("ALFWORLD_DATA") and (env_root / "json_2.1.1").is_dir():
         return env_root
+    if (_cache_dir() / "json_2.1.1").is_dir():  # unpacked by an earlier run
+        return _cache_dir()
     archive = _find_archive()
     if archive is None:
         raise FileNotFoundError("ALFWorld data not found: run `alfworld-download` and set ALFWORLD_DATA "
