@@ -71,3 +71,13 @@ def test_unpack_once_is_atomic_and_idempotent(tmp_path):
     _unpack_once(archive, dest)  # second call finds the data and does nothing
     assert (dest / "json_2.1.1" / "train" / "a.txt").read_text() == "x"
     assert os.listdir(dest.parent) == ["alfworld"]  # no temp dirs left behind
+
+
+def test_missing_data_says_how_to_get_it(tmp_path, monkeypatch):
+    import gopd_jax.envs.alfworld_env as alf
+
+    monkeypatch.setenv("GOPD_CACHE", str(tmp_path))
+    monkeypatch.delenv("ALFWORLD_DATA", raising=False)
+    monkeypatch.setattr(alf, "_find_archive", lambda: None)
+    with pytest.raises(FileNotFoundError, match="alfworld-download"):
+        resolve_data_dir()
