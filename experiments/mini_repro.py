@@ -43,12 +43,13 @@ class MiniConfig:
     teacher_sft_steps: int = 60
     student_hidden: tuple[int, ...] = (48, 96)
     student_layers: int = 2
-    warmup_sft_steps: int = 6
+    warmup_sft_steps: int = 16
     distill_steps: int = 12
-    batch_tasks: int = 6
+    batch_tasks: int = 4
     learning_rate: float = 2e-3
-    methods: tuple[str, ...] = ("opd", "guided_opd", "sft")
+    methods: tuple[str, ...] = ("opd", "guided_opd")
     seeds: tuple[int, ...] = (0, 1, 2)
+    sft_baseline_seeds: tuple[int, ...] = (0,)  # SFT on expert trajectories, continued from the same init
     max_turns: int = 15
     max_new_tokens: int = 24
     eval_limit: int = 30
@@ -61,7 +62,8 @@ PRESETS = {
     "quick": MiniConfig(out_dir="runs/quickstart", corpus_tasks=8, vocab_size=512, teacher_layers=2,
                         teacher_hidden=64, teacher_experts=4, teacher_sft_steps=6, student_hidden=(32,),
                         warmup_sft_steps=2, distill_steps=3, batch_tasks=2, methods=("opd", "guided_opd"),
-                        seeds=(0,), max_turns=4, max_new_tokens=12, eval_limit=4, num_workers=2),
+                        seeds=(0,), sft_baseline_seeds=(), max_turns=4, max_new_tokens=12, eval_limit=4,
+                        num_workers=2),
 }
 
 
@@ -137,10 +139,10 @@ def run(mini: MiniConfig) -> str:
         rows.append((f"student d{hidden} (start)", s_cfg.num_params(), "warm-up SFT", [warm_eval]))
         students[hidden] = (s_cfg, warm)
     # Seed-major order: an interrupted table still compares every method on the same seeds.
-    evals = {(h, m): [] for h in mini.student_hidden for m in mini.methods}
+    evals = {(h, m): [] for h in mini.student_hidden for m in (*mini.methods, "sft")}
     for seed in mini.seeds:
         for hidden, (s_cfg, warm) in students.items():
-            for method in mini.methods:
+            for method in mini.methods + (("sft",) if seed in mini.sft_baseline_seeds else ()):
                 summary, _ = train_stage(_base(mini, name=f"d{hidden}_{method}_s{seed}",
                                                out_dir=str(root / f"d{hidden}_{method}_s{seed}"), method=method,
                                                student=warm, teacher=teacher, steps=mini.distill_steps, seed=seed))

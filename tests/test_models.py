@@ -131,3 +131,19 @@ def test_missing_files_and_bad_tensors_are_named(checkpoint, tmp_path):
     (bad / "model.safetensors").unlink()
     with pytest.raises(FileNotFoundError, match="model.safetensors"):
         load_hf_checkpoint(bad)
+
+
+def test_blocked_causal_attention_equals_full_attention_with_gradients():
+    from gopd_jax.models.qwen3 import causal_attention
+
+    keys = jax.random.split(jax.random.key(4), 3)
+    q = jax.random.normal(keys[0], (2, 37, 4, 8))
+    k, v = (jax.random.normal(kk, (2, 37, 2, 8)) for kk in keys[1:])
+
+    def full(q, k, v):
+        return jax.nn.dot_product_attention(q, k, v, is_causal=True)
+
+    np.testing.assert_allclose(causal_attention(q, k, v, block=8), full(q, k, v), atol=1e-5)
+    g_blocked = jax.grad(lambda *a: jnp.sum(causal_attention(*a, block=8) ** 2), argnums=(0, 1, 2))(q, k, v)
+    g_full = jax.grad(lambda *a: jnp.sum(full(*a) ** 2), argnums=(0, 1, 2))(q, k, v)
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-4), g_blocked, g_full)

@@ -137,9 +137,27 @@ def _qkv(p, config: Qwen3Config, x, positions):
     return q, k, v
 
 
-def _attention(q, k, v, *, causal, kv_lengths=None):
-    """GQA attention; softmax in float32 inside `dot_product_attention`."""
-    return jax.nn.dot_product_attention(q, k, v, is_causal=causal, key_value_seq_lengths=kv_lengths)
+ATTENTION_BLOCK = 512  # query rows per block in causal attention over long sequences
+
+
+def causal_attention(q, k, v, block: int = ATTENTION_BLOCK):
+    """Causal GQA attention (softmax in float32 inside `dot_product_attention`). Sequences longer than
+    `block` are processed one query block at a time under `jax.checkpoint`, so neither the forward nor the
+    backward pass holds the [B, H, T, T] scores (a 10k-token prompt would need tens of GB)."""
+    b, t, h, d = q.shape
+    if t <= block:
+        return jax.nn.dot_product_attention(q, k, v, is_causal=True)
+    n = -(-t // block)
+    blocks = jnp.pad(q, ((0, 0), (0, n * block - t), (0, 0), (0, 0))).reshape(b, n, block, h, d)
+
+    @jax.checkpoint
+    def one(args):
+        i, qb = args
+        mask = (i * block + jnp.arange(block))[:, None] >= jnp.arange(t)[None, :]
+        return jax.nn.dot_product_attention(qb, k, v, mask=mask[None, None])
+
+    out = jax.lax.map(one, (jnp.arange(n), jnp.moveaxis(blocks, 1, 0)))
+    return jnp.moveaxis(out, 0, 1).reshape(b, n * block, h, d)[:, :t]
 
 
 def _layer(p, config: Qwen3Config, layer: int, x, positions, cache, mode):
@@ -153,9 +171,9 @@ def _layer(p, config: Qwen3Config, layer: int, x, positions, cache, mode):
         rows = jnp.arange(b)
         pos = positions[:, 0]
         cache = {"k": cache["k"].at[rows, pos].set(k[:, 0]), "v": cache["v"].at[rows, pos].set(v[:, 0])}
-        out = _attention(q, cache["k"], cache["v"], causal=False, kv_lengths=pos + 1)
+        out = jax.nn.dot_product_attention(q, cache["k"], cache["v"], key_value_seq_lengths=pos + 1)
     else:
-        out = _attention(q, k, v, causal=True)
+        out = causal_attention(q, k, v)
         if mode == "prefill":
             cache = {"k": jax.lax.dynamic_update_slice(cache["k"], k.astype(cache["k"].dtype), (0, 0, 0, 0)),
                      "v": jax.lax.dynamic_update_slice(cache["v"], v.astype(cache["v"].dtype), (0, 0, 0, 0))}
