@@ -253,12 +253,13 @@ def distill_loss(student_hidden, student_head, batch: Mapping[str, jax.Array], b
         "loss_teacher": loss_teacher,
         "n_student_tokens": n_student,
         "n_teacher_tokens": jnp.sum(t_mask),
-        "clip_frac": jnp.sum(s_clip * s_mask) / jnp.maximum(n_student, 1.0),
-        "student_entropy": jnp.sum(stats["entropy"] * s_mask) / jnp.maximum(n_student, 1.0),
+        "clip_frac": jnp.sum(s_clip * s_mask) / jnp.maximum(n_student, 1e-12),
+        "student_entropy": jnp.sum(stats["entropy"] * s_mask) / jnp.maximum(n_student, 1e-12),
     }
     if "old_logprobs" in batch and "teacher_logprobs" in batch:
+        # Mask-weighted like the other metrics, so it stays a per-token mean when masks carry weights.
         sampled_kl = jnp.where(s_mask > 0, batch["old_logprobs"] - batch["teacher_logprobs"], 0.0)
-        metrics["sampled_kl"] = jnp.sum(sampled_kl) / jnp.maximum(n_student, 1.0)
+        metrics["sampled_kl"] = jnp.sum(sampled_kl * s_mask) / jnp.maximum(n_student, 1e-12)
     return loss, metrics
 
 

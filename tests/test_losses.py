@@ -356,3 +356,20 @@ def test_weighted_sum_with_host_normalised_masks_is_the_global_token_mean():
     halves = [L.distill_loss(hidden[i:i + 2], head, {k: v[i:i + 2] for k, v in weighted.items()}, 0.0,
                            L.LossConfig(aggregation="weighted_sum"))[0] for i in (0, 2)]
     np.testing.assert_allclose((halves[0] + halves[1]) / 2, whole, rtol=1e-5)
+
+
+def test_metrics_are_per_token_means_when_masks_carry_weights():
+    rng = np.random.default_rng(12)
+    B, T, D, V = 3, 5, 8, 11
+    hidden = jnp.asarray(rng.normal(size=(B, T, D)), jnp.float32)
+    head = jnp.asarray(rng.normal(size=(D, V)), jnp.float32)
+    mask = (rng.random((B, T)) < 0.7).astype(np.float32)
+    batch = {"targets": jnp.asarray(rng.integers(0, V, (B, T)), jnp.int32), "student_mask": mask,
+             "teacher_mask": np.zeros((B, T), np.float32),
+             "old_logprobs": jnp.asarray(rng.normal(size=(B, T)) - 2, jnp.float32),
+             "teacher_logprobs": jnp.asarray(rng.normal(size=(B, T)) - 2, jnp.float32)}
+    _, plain = L.distill_loss(hidden, head, batch, 0.0, L.LossConfig())
+    _, weighted = L.distill_loss(hidden, head, dict(batch, student_mask=mask * 0.01), 0.0,
+                                 L.LossConfig(aggregation="weighted_sum"))
+    for k in ("clip_frac", "student_entropy", "sampled_kl"):
+        np.testing.assert_allclose(weighted[k], plain[k], rtol=1e-5, err_msg=k)
