@@ -106,6 +106,13 @@ def _dense(vocab: int, hidden: int, layers: int) -> Qwen3Config:
                        tie_word_embeddings=True)
 
 
+def _teacher_config(mini: MiniConfig, vocab: int) -> Qwen3Config:
+    return Qwen3Config(vocab_size=vocab, hidden_size=mini.teacher_hidden, intermediate_size=3 * mini.teacher_hidden,
+                       num_hidden_layers=mini.teacher_layers, num_attention_heads=max(2, mini.teacher_hidden // 32),
+                       num_key_value_heads=2, head_dim=32, tie_word_embeddings=False, num_experts=mini.teacher_experts,
+                       num_experts_per_tok=2, moe_intermediate_size=mini.teacher_hidden, norm_topk_prob=True)
+
+
 def train_stage(cfg: ExperimentConfig) -> tuple[dict, str]:
     """run_experiment, unless a finished result is already there (so the whole table resumes too)."""
     done = Path(cfg.out_dir) / "final_eval.json"
@@ -119,37 +126,62 @@ def run(mini: MiniConfig) -> str:
     root = Path(mini.out_dir)
     tokenizer = build_tokenizer(mini, root / "tokenizer")
     vocab = len(tokenizer)
-    teacher_cfg = Qwen3Config(vocab_size=vocab, hidden_size=mini.teacher_hidden,
-                              intermediate_size=3 * mini.teacher_hidden, num_hidden_layers=mini.teacher_layers,
-                              num_attention_heads=max(2, mini.teacher_hidden // 32), num_key_value_heads=2,
-                              head_dim=32, tie_word_embeddings=False, num_experts=mini.teacher_experts,
-                              num_experts_per_tok=2, moe_intermediate_size=mini.teacher_hidden, norm_topk_prob=True)
+    teacher_cfg = _teacher_config(mini, vocab)
     teacher_init = random_checkpoint(teacher_cfg, tokenizer, root / "teacher_init", seed=0)
     teacher_eval, teacher = train_stage(_base(mini, name="teacher_sft", out_dir=str(root / "teacher_sft"),
                                               method="sft", student=teacher_init, teacher=teacher_init,
                                               steps=mini.teacher_sft_steps))
-    rows = [("teacher (SFT, MoE)", teacher_cfg.num_params(), "-", [teacher_eval])]
     students = {}
     for hidden in mini.student_hidden:
-        s_cfg = _dense(vocab, hidden, mini.student_layers)
-        init = random_checkpoint(s_cfg, tokenizer, root / f"student_d{hidden}_init", seed=1)
-        warm_eval, warm = train_stage(_base(mini, name=f"d{hidden}_warmup", out_dir=str(root / f"d{hidden}_warmup"),
-                                            method="sft", student=init, teacher=teacher,
-                                            steps=mini.warmup_sft_steps))
-        rows.append((f"student d{hidden} (start)", s_cfg.num_params(), "warm-up SFT", [warm_eval]))
-        students[hidden] = (s_cfg, warm)
+        init = random_checkpoint(_dense(vocab, hidden, mini.student_layers), tokenizer, root / f"student_d{hidden}_init",
+                                 seed=1)
+        _, students[hidden] = train_stage(_base(mini, name=f"d{hidden}_warmup", out_dir=str(root / f"d{hidden}_warmup"),
+                                                method="sft", student=init, teacher=teacher,
+                                                steps=mini.warmup_sft_steps))
     # Seed-major order: an interrupted table still compares every method on the same seeds.
-    evals = {(h, m): [] for h in mini.student_hidden for m in (*mini.methods, "sft")}
     for seed in mini.seeds:
-        for hidden, (s_cfg, warm) in students.items():
+        for hidden, warm in students.items():
             for method in mini.methods + (("sft",) if seed in mini.sft_baseline_seeds else ()):
-                summary, _ = train_stage(_base(mini, name=f"d{hidden}_{method}_s{seed}",
-                                               out_dir=str(root / f"d{hidden}_{method}_s{seed}"), method=method,
-                                               student=warm, teacher=teacher, steps=mini.distill_steps, seed=seed))
-                evals[(hidden, method)].append(summary)
-        table = results_table(rows + [(f"student d{h}", students[h][0].num_params(), m, e)
-                                      for (h, m), e in evals.items() if e], mini)
-        (root / "results.md").write_text(table)
+                train_stage(_base(mini, name=f"d{hidden}_{method}_s{seed}", out_dir=str(root / f"d{hidden}_{method}_s{seed}"),
+                                  method=method, student=warm, teacher=teacher, steps=mini.distill_steps, seed=seed))
+        report(mini)
+    return report(mini)
+
+
+def _final_evals(root: Path, name: str) -> list[dict]:
+    path = root / name / "final_eval.json"
+    return [json.loads(path.read_text())] if path.is_file() else []
+
+
+def _late_kl(root: Path, name: str, last: int = 3) -> float | None:
+    """Teacher-student sampled KL (nats/token, host-computed per turn) over the run's last steps."""
+    path = root / name / "metrics.jsonl"
+    if not path.is_file():
+        return None
+    records = [json.loads(line) for line in path.read_text().splitlines()][-last:]
+    values = [v for r in records for v in r["kl_by_turn"] if v is not None]
+    return statistics.fmean(values) if values else None
+
+
+def report(mini: MiniConfig) -> str:
+    """Build results.md from the finished runs on disk (also usable while the grid is still running)."""
+    root = Path(mini.out_dir)
+    vocab = len(load_tokenizer(root / "tokenizer"))
+    rows = [("teacher (SFT, MoE)", _teacher_config(mini, vocab).num_params(), "-", _final_evals(root, "teacher_sft"), [])]
+    for hidden in mini.student_hidden:
+        n = _dense(vocab, hidden, mini.student_layers).num_params()
+        rows.append((f"student d{hidden} (start)", n, "warm-up SFT", _final_evals(root, f"d{hidden}_warmup"), []))
+        # Methods compared on the seeds where every compared method has finished.
+        seeds = [s for s in mini.seeds if all(_final_evals(root, f"d{hidden}_{m}_s{s}") for m in mini.methods)]
+        for method in mini.methods:
+            names = [f"d{hidden}_{method}_s{s}" for s in seeds]
+            rows.append((f"student d{hidden}", n, method, [e for x in names for e in _final_evals(root, x)],
+                         [_late_kl(root, x) for x in names]))
+        sft = [f"d{hidden}_sft_s{s}" for s in mini.sft_baseline_seeds]
+        rows.append((f"student d{hidden}", n, "sft", [e for x in sft for e in _final_evals(root, x)],
+                     [_late_kl(root, x) for x in sft]))
+    table = results_table([r for r in rows if r[3]], mini)
+    (root / "results.md").write_text(table)
     print(table)
     return table
 
@@ -160,27 +192,29 @@ def _ms(values):
 
 
 def results_table(rows, mini: MiniConfig) -> str:
-    lines = [f"# Mini-scale Guided-OPD reproduction ({mini.env}, {mini.eval_limit} valid_unseen games)", "",
-             f"seeds {list(mini.seeds)}; distillation steps {mini.distill_steps} x {mini.batch_tasks} tasks; "
-             f"eval temperature 0.4, beta 0", "",
-             "| model | params | method | Score | Success Rate (%) | Rounds | valid actions (%) |",
-             "|---|---|---|---|---|---|---|"]
+    """rows: (model, params, method, final evals (one per seed), late-training KLs)."""
+    lines = [f"# Mini-scale Guided-OPD reproduction ({mini.env}, first {mini.eval_limit} valid_unseen games)", "",
+             f"distillation: {mini.distill_steps} steps x {mini.batch_tasks} tasks from one warm-up SFT init; eval at "
+             "beta 0, temperature 0.4; mean ± std over seeds (n)", "",
+             "| model | params | method (n) | Score | Success Rate (%) | Rounds | valid actions (%) | "
+             "train KL to teacher, last 3 steps |", "|---|---|---|---|---|---|---|---|"]
     by = {}
-    for name, n, method, evals in rows:
-        lines.append(f"| {name} | {n / 1e6:.2f}M | {method} | {_ms([e['score'] for e in evals])} | "
+    for name, n, method, evals, kls in rows:
+        kls = [k for k in kls if k is not None]
+        lines.append(f"| {name} | {n / 1e6:.2f}M | {method} ({len(evals)}) | {_ms([e['score'] for e in evals])} | "
                      f"{_ms([e['success_rate'] for e in evals])} | {_ms([e['rounds'] for e in evals])} | "
-                     f"{_ms([e['valid_action_rate'] for e in evals])} |")
+                     f"{_ms([e['valid_action_rate'] for e in evals])} | {_ms(kls) if kls else '-'} |")
         by[(name, method)] = evals
-    lines += ["", "Relative change of Guided-OPD over vanilla OPD (paper, DESIGN.md §3: +21.1% Score, +25.5% "
-                  "Success Rate, -6.0% Rounds on average):", "", "| student | Score | Success Rate | Rounds | valid actions |",
-              "|---|---|---|---|---|"]
-    for name, _, method, _ in rows:
-        if method == "guided_opd" and (name, "opd") in by:
+    lines += ["", "Relative change of Guided-OPD over vanilla OPD on the same seeds (paper, DESIGN.md §3: +21.1% "
+                  "Score, +25.5% Success Rate, -6.0% Rounds on average):", "",
+              "| student | Score | Success Rate | Rounds | valid actions |", "|---|---|---|---|---|"]
+    for name, _, method, _, _ in rows:
+        if method == "guided_opd" and by.get((name, "opd")):
             g, o = by[(name, "guided_opd")], by[(name, "opd")]
             cells = []
             for k in ("score", "success_rate", "rounds", "valid_action_rate"):
                 a, b = statistics.fmean(e[k] for e in g), statistics.fmean(e[k] for e in o)
-                cells.append(f"{100 * (a - b) / b:+.1f}%" if b else f"{a - b:+.2f} (abs; OPD at 0)")
+                cells.append(f"{100 * (a - b) / b:+.1f}%" if b else f"{a - b:+.2f} (absolute; OPD at 0)")
             lines.append(f"| {name} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
@@ -190,10 +224,11 @@ def main(argv=None):
     ap.add_argument("--preset", choices=sorted(PRESETS), default="full")
     ap.add_argument("--out-dir", default=None)
     ap.add_argument("--no-progress", action="store_true")
+    ap.add_argument("--report-only", action="store_true", help="rebuild results.md from the finished runs")
     args = ap.parse_args(argv)
     mini = PRESETS[args.preset]
     mini = dataclasses.replace(mini, out_dir=args.out_dir or mini.out_dir, progress=not args.no_progress)
-    run(mini)
+    report(mini) if args.report_only else run(mini)
 
 
 if __name__ == "__main__":
