@@ -139,13 +139,14 @@ def run(mini: MiniConfig) -> str:
                                                 method="sft", student=init, teacher=teacher,
                                                 steps=mini.warmup_sft_steps))
     # Seed-major order: an interrupted table still compares every method on the same seeds.
+    table = ""
     for seed in mini.seeds:
         for hidden, warm in students.items():
             for method in mini.methods + (("sft",) if seed in mini.sft_baseline_seeds else ()):
                 train_stage(_base(mini, name=f"d{hidden}_{method}_s{seed}", out_dir=str(root / f"d{hidden}_{method}_s{seed}"),
                                   method=method, student=warm, teacher=teacher, steps=mini.distill_steps, seed=seed))
-        report(mini)
-    return report(mini)
+        table = report(mini)
+    return table
 
 
 def _final_evals(root: Path, name: str) -> list[dict]:
@@ -182,13 +183,50 @@ def report(mini: MiniConfig) -> str:
                      [_late_kl(root, x) for x in sft]))
     table = results_table([r for r in rows if r[3]], mini)
     (root / "results.md").write_text(table)
+    comparison_plot(mini, root)
     print(table)
     return table
 
 
-def _ms(values):
+def comparison_plot(mini: MiniConfig, root: Path) -> None:
+    """OPD vs Guided-OPD per student size, averaged over finished seeds: training curves and KL by turn."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from gopd_jax.reporting import read_jsonl
+
+    fig, ax = plt.subplots(len(mini.student_hidden), 3, figsize=(14, 4 * len(mini.student_hidden)), squeeze=False)
+    for row, hidden in enumerate(mini.student_hidden):
+        for method in (*mini.methods, "sft"):
+            runs = [read_jsonl(root / f"d{hidden}_{method}_s{s}" / "metrics.jsonl") for s in mini.seeds]
+            runs = [r for r in runs if r]
+            if not runs:
+                continue
+            steps = range(min(len(r) for r in runs))
+            mean = lambda key: [statistics.fmean(r[i][key] for r in runs) for i in steps]  # noqa: E731
+            ax[row, 0].plot(steps, mean("invalid_action_frac"), label=f"{method} (n={len(runs)})")
+            ax[row, 1].plot(steps, mean("teacher_turn_frac"), label=method)
+            late = [t for r in runs for t in r[-3:]]
+            kl = [statistics.fmean(v) if (v := [x["kl_by_turn"][i] for x in late if x["kl_by_turn"][i] is not None])
+                  else float("nan") for i in range(len(late[0]["kl_by_turn"]))]
+            ax[row, 2].plot(range(1, len(kl) + 1), kl, label=method)
+        ax[row, 0].set(title=f"d{hidden}: invalid-action fraction in training rollouts", xlabel="step")
+        ax[row, 1].set(title=f"d{hidden}: teacher-owned turn fraction", xlabel="step")
+        ax[row, 2].set(title=f"d{hidden}: sampled KL to teacher by turn (last 3 steps)", xlabel="turn",
+                       ylabel="nats/token")
+        for a in ax[row]:
+            a.legend()
+    fig.tight_layout()
+    fig.savefig(root / "comparison.png", dpi=80)
+    plt.close(fig)
+
+
+def _ms(values, digits: int = 1):
     mean = statistics.fmean(values)
-    return f"{mean:.1f} ± {statistics.stdev(values):.1f}" if len(values) > 1 else f"{mean:.1f}"
+    return (f"{mean:.{digits}f} ± {statistics.stdev(values):.{digits}f}" if len(values) > 1
+            else f"{mean:.{digits}f}")
 
 
 def results_table(rows, mini: MiniConfig) -> str:
@@ -203,7 +241,7 @@ def results_table(rows, mini: MiniConfig) -> str:
         kls = [k for k in kls if k is not None]
         lines.append(f"| {name} | {n / 1e6:.2f}M | {method} ({len(evals)}) | {_ms([e['score'] for e in evals])} | "
                      f"{_ms([e['success_rate'] for e in evals])} | {_ms([e['rounds'] for e in evals])} | "
-                     f"{_ms([e['valid_action_rate'] for e in evals])} | {_ms(kls) if kls else '-'} |")
+                     f"{_ms([e['valid_action_rate'] for e in evals])} | {_ms(kls, 2) if kls else '-'} |")
         by[(name, method)] = evals
     lines += ["", "Relative change of Guided-OPD over vanilla OPD on the same seeds (paper, DESIGN.md §3: +21.1% "
                   "Score, +25.5% Success Rate, -6.0% Rounds on average):", "",
