@@ -153,7 +153,9 @@ def run_experiment(cfg: ExperimentConfig) -> dict:
     compute_dtype = jnp.dtype(cfg.compute_dtype)
     params, s_config = load_hf_checkpoint(cfg.student, dtype=jnp.float32)  # float32 master weights
     t_params, t_config = load_hf_checkpoint(cfg.teacher, dtype=compute_dtype)
-    check_compatible(s_config, t_config)
+    teacher_tok = (load_tokenizer(cfg.teacher) if (Path(cfg.teacher) / "tokenizer_config.json").is_file()
+                   and not cfg.tokenizer else None)
+    check_compatible(s_config, t_config, tokenizer, teacher_tok)
     if len(tokenizer) > s_config.vocab_size:
         raise ValueError(f"tokenizer {cfg.tokenizer or cfg.student!r} has {len(tokenizer)} tokens but the models' "
                          f"vocab_size is {s_config.vocab_size}: use the tokenizer the models were trained with")

@@ -95,3 +95,18 @@ def test_incompatible_teacher_tokenizer_is_refused(models, tmp_path):
         student), tmp_path / "other", seed=2)
     with pytest.raises(ValueError, match="vocab_size"):
         run_experiment(dataclasses.replace(_config(models, tmp_path / "y"), teacher=other))
+
+
+def test_teacher_with_a_different_tokenizer_is_refused(models, tmp_path):
+    from gopd_jax.tokenizer import load_tokenizer
+
+    student, _ = models
+    size = len(load_tokenizer(student))
+    rng = np.random.default_rng(0)
+    words = ["".join(rng.choice(list("abcdefghijklmnopqrstuvwxyz"), 6)) for _ in range(3000)]
+    other_tok = train_bpe_tokenizer([" ".join(words)], size, tmp_path / "tok2")
+    if len(other_tok) != size:
+        pytest.skip("could not train a same-size tokenizer on this corpus")
+    teacher = random_checkpoint(_dense(size, 32, 1), other_tok, tmp_path / "t2", seed=3)
+    with pytest.raises(ValueError, match="tokenizer vocabularies differ"):
+        run_experiment(dataclasses.replace(_config(models, tmp_path / "z"), teacher=teacher))
