@@ -7,6 +7,7 @@ import math
 from pathlib import Path
 
 TRAIN_LOG, EVAL_LOG = "metrics.jsonl", "eval.jsonl"
+NAN = float("nan")  # steps skipped without an update log no loss
 
 
 def read_jsonl(path: Path) -> list[dict]:
@@ -65,11 +66,11 @@ def write_report(out_dir: str | Path, name: str) -> Path:
     fig, ax = plt.subplots(2, 2, figsize=(11, 8))
     steps = [r["step"] for r in train]
     ax[0, 0].plot(steps, [r["beta"] for r in train], label="beta (teacher intervention)")
-    ax[0, 0].plot(steps, [r["teacher_turn_frac"] for r in train], ".", alpha=0.5, label="teacher turn fraction")
+    ax[0, 0].plot(steps, [r.get("teacher_turn_frac", NAN) for r in train], ".", alpha=0.5, label="teacher turn fraction")
     ax[0, 0].set(title="curriculum", xlabel="step")
     ax[0, 0].legend()
-    ax[0, 1].plot(steps, [r["loss"] for r in train], label="loss")
-    ax[0, 1].plot(steps, [r.get("sampled_kl", float("nan")) for r in train], label="sampled KL (student turns)")
+    ax[0, 1].plot(steps, [r.get("loss", NAN) for r in train], label="loss")
+    ax[0, 1].plot(steps, [r.get("sampled_kl", NAN) for r in train], label="sampled KL (student turns)")
     twin = ax[0, 1].twinx()
     twin.plot([e["step"] for e in evals], [e["success_rate"] for e in evals], "o-", color="k", label="eval success %")
     twin.set_ylabel("eval success rate (%)")
@@ -102,4 +103,4 @@ def write_report(out_dir: str | Path, name: str) -> Path:
 
 
 def _mean(xs):
-    return sum(xs) / len(xs) if xs else float("nan")
+    return sum(xs) / len(xs) if xs else NAN

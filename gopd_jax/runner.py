@@ -219,6 +219,10 @@ def run_experiment(cfg: ExperimentConfig) -> dict:
                 policies, owners = {STUDENT: student_policy(), TEACHER: teacher}, owners_from_beta(beta)
             episodes, rstats = runner.run(tasks, policies, owners, key, progress=False)
             indexed = [(t, i) for e in episodes for i, t in enumerate(e.turns)]
+            if not indexed:  # every environment died at reset: nothing to learn from; logged, not trained on
+                logger.log_train({"step": step, "beta": beta, "skipped": 1.0, "env_failures": len(episodes),
+                                  "kl_by_turn": [None] * turn_limit})
+                continue
             batch = training_batch([t for t, _ in indexed], pad_id=tokenizer.pad_token_id or 0)
             batch = _pad_rows(batch, n_dev * cfg.micro_batch_rows)
             _score(batch, teacher, policies.get(STUDENT), n_dev * cfg.micro_batch_rows, loss_cfg)
