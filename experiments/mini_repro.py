@@ -205,7 +205,7 @@ def comparison_plot(mini: MiniConfig, root: Path) -> None:
             if not runs:
                 continue
             steps = range(min(len(r) for r in runs))
-            mean = lambda key: [statistics.fmean(r[i][key] for r in runs) for i in steps]  # noqa: E731
+            mean = lambda key: [statistics.fmean(r[i].get(key, float("nan")) for r in runs) for i in steps]  # noqa: E731
             ax[row, 0].plot(steps, mean("invalid_action_frac"), label=f"{method} (n={len(runs)})")
             ax[row, 1].plot(steps, mean("teacher_turn_frac"), label=method)
             late = [t for r in runs for t in r[-3:]]
