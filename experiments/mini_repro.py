@@ -200,7 +200,8 @@ def comparison_plot(mini: MiniConfig, root: Path) -> None:
     fig, ax = plt.subplots(len(mini.student_hidden), 3, figsize=(14, 4 * len(mini.student_hidden)), squeeze=False)
     for row, hidden in enumerate(mini.student_hidden):
         for method in (*mini.methods, "sft"):
-            runs = [read_jsonl(root / f"d{hidden}_{method}_s{s}" / "metrics.jsonl") for s in mini.seeds]
+            runs = [read_jsonl(root / f"d{hidden}_{method}_s{s}" / "metrics.jsonl") for s in mini.seeds
+                    if _final_evals(root, f"d{hidden}_{method}_s{s}")]  # finished runs only
             runs = [r for r in runs if r]
             if not runs:
                 continue
