@@ -3,7 +3,9 @@
 CPU default (a small Qwen3): `python -m experiments.bench_generate`
 GPU (Qwen3-0.6B shapes, random weights, bf16):
     `python -m experiments.bench_generate --preset qwen3-0.6b --batch 64 256 --prompt 512 --new 128 --dtype bfloat16`
-Prints new tokens/s for both, their ratio, and on GPU the HBM roofline for the shapes and our fraction of it.
+Prints end-to-end new tokens/s (prefill included, as transformers is timed) for both and their ratio, then the
+decode phase alone (total minus a separately timed prefill) as a fraction of its HBM roofline: every weight plus the
+KV cache read once per step, at the datasheet bandwidth and at the copy bandwidth measured on the device.
 """
 
 from __future__ import annotations
@@ -17,33 +19,49 @@ import jax.numpy as jnp
 import numpy as np
 
 from gopd_jax.generate import SamplingConfig, generate
-from gopd_jax.models import QWEN3_0_6B, Qwen3Config, init_params, save_hf_checkpoint
+from gopd_jax.models import QWEN3_0_6B, Qwen3Config, init_cache, init_params, prefill, save_hf_checkpoint
 
 SMALL = Qwen3Config(vocab_size=4096, hidden_size=256, intermediate_size=768, num_hidden_layers=4,
                     num_attention_heads=4, num_key_value_heads=2, head_dim=64)
 PRESETS = {"small": SMALL, "qwen3-0.6b": QWEN3_0_6B}
-HBM_BYTES_PER_S = {"H100": 3.35e12, "H200": 4.8e12}
+HBM_BYTES_PER_S = {"H100": 3.35e12, "H200": 4.8e12}  # datasheet
 
 
-def roofline_tokens_per_s(config: Qwen3Config, batch: int, prompt: int, new: int, dtype_bytes: int, bw: float):
-    """Each decode step reads every weight once plus the KV cache up to the current length."""
-    weights = config.num_params() * dtype_bytes
+def decode_step_bytes(config: Qwen3Config, batch: int, context: float, dtype_bytes: int) -> float:
+    """Fewest HBM bytes of one decode step: every weight once (the embedding table only as the tied
+    unembedding) plus each row's KV cache up to `context` tokens."""
     kv_per_token = 2 * config.num_hidden_layers * config.num_key_value_heads * config.head_dim * dtype_bytes
-    mean_len = prompt + new / 2
-    step_bytes = weights + batch * mean_len * kv_per_token
-    return batch / (step_bytes / bw)
+    return config.num_params() * dtype_bytes + batch * context * kv_per_token
 
 
-def time_ours(params, config, prompts, lengths, new, repeats):
-    sampling = SamplingConfig(max_new_tokens=new, temperature=0.0)
-    out = generate(params, config, prompts, lengths, jax.random.key(0), sampling)
-    jax.block_until_ready(out)  # compile
+def measured_copy_bandwidth(gib: float = 4.0) -> float:
+    """Bytes read + written per second by a large on-device elementwise pass (the practical HBM ceiling)."""
+    x = jnp.ones((int(gib * 2**30) // 2,), jnp.bfloat16)
+    double = jax.jit(lambda a: a * 2)
+    jax.block_until_ready(double(x))
+    seconds = best_seconds(lambda _: double(x), 10)
+    return 2 * x.nbytes / seconds
+
+
+def best_seconds(fn, repeats):
+    """Best wall time of fn(r) over `repeats` calls after one warm-up (compile) call."""
+    jax.block_until_ready(fn(0))
     best = float("inf")
     for r in range(repeats):
         t0 = time.perf_counter()
-        jax.block_until_ready(generate(params, config, prompts, lengths, jax.random.key(r), sampling))
+        jax.block_until_ready(fn(r))
         best = min(best, time.perf_counter() - t0)
-    return prompts.shape[0] * new / best
+    return best
+
+
+def time_ours(params, config, prompts, lengths, new, repeats):
+    """(seconds for prefill + `new` decode steps, seconds for the prefill alone), greedy, no early stop."""
+    b, tp = prompts.shape
+    sampling = SamplingConfig(max_new_tokens=new, temperature=0.0)
+    total = best_seconds(lambda r: generate(params, config, prompts, lengths, jax.random.key(r), sampling), repeats)
+    only_prefill = jax.jit(lambda p, t, n: prefill(p, config, t, n, init_cache(config, b, tp + new,
+                                                                               p["embed"].dtype))[0])
+    return total, best_seconds(lambda _: only_prefill(params, prompts, lengths), repeats)
 
 
 def time_transformers(path, prompts, new, repeats, dtype):
@@ -85,24 +103,37 @@ def main(argv=None):
     device = jax.devices()[0]
     print(f"device: {device.device_kind} ({jax.default_backend()}); preset {args.preset}; dtype {args.dtype}; "
           f"prompt {args.prompt}; new {args.new}")
-    bw = next((v for k, v in HBM_BYTES_PER_S.items() if k in device.device_kind), None)
+    datasheet = next((v for k, v in HBM_BYTES_PER_S.items() if k in device.device_kind), None)
+    measured = measured_copy_bandwidth() if jax.default_backend() == "gpu" else None
+    if measured:
+        print(f"HBM: measured copy {measured / 1e12:.2f} TB/s (read + write), datasheet "
+              f"{(datasheet or float('nan')) / 1e12:.2f} TB/s")
     with tempfile.TemporaryDirectory() as tmp:
         if not args.skip_transformers:
             save_hf_checkpoint(params, config, tmp)
-        print("| batch | gopd_jax tok/s | transformers tok/s | ratio | roofline tok/s | % roofline |")
-        print("|---|---|---|---|---|---|")
+        rows = []
         for batch in args.batch:
             rng = np.random.default_rng(batch)
             prompts = jnp.asarray(rng.integers(1, config.vocab_size, (batch, args.prompt)), jnp.int32)
             lengths = jnp.full((batch,), args.prompt, jnp.int32)
-            ours = time_ours(params, config, prompts, lengths, args.new, args.repeats)
+            total, pre = time_ours(params, config, prompts, lengths, args.new, args.repeats)
             ref = float("nan") if args.skip_transformers else time_transformers(tmp, prompts, args.new,
                                                                                  args.repeats, args.dtype)
-            roof = (roofline_tokens_per_s(config, batch, args.prompt, args.new, jnp.dtype(dtype).itemsize, bw)
-                    if bw else float("nan"))
-            print(f"| {batch} | {ours:,.0f} | {ref:,.0f} | {ours / ref:.1f}x | {roof:,.0f} | {100 * ours / roof:.0f}% |",
-                  flush=True)
-
+            ours = batch * args.new / total
+            # Decode phase alone against its HBM floor (mean context: prompt + half the new tokens).
+            floor = args.new * decode_step_bytes(config, batch, args.prompt + args.new / 2,
+                                                 jnp.dtype(dtype).itemsize)
+            decode = total - pre
+            roof = {name: 100 * floor / bw / decode if bw else float("nan")
+                    for name, bw in (("datasheet", datasheet), ("measured", measured))}
+            rows.append(f"| {batch} | {ours:,.0f} | {ref:,.0f} | {ours / ref:.2f}x | {pre * 1e3:.0f} | "
+                        f"{decode * 1e3:.0f} | {batch * args.new / decode:,.0f} | {roof['datasheet']:.0f}% | "
+                        f"{roof['measured']:.0f}% |")
+            print(rows[-1], flush=True)
+    print("\n| batch | gopd_jax tok/s | transformers tok/s | ratio | prefill ms | decode ms | decode tok/s "
+          "| decode % of HBM roofline (datasheet) | (measured copy BW) |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    print("\n".join(rows))
 
 if __name__ == "__main__":
     main()

@@ -86,6 +86,7 @@ def test_restore_without_checkpoint_raises(tmp_path):
             ckpt.restore(fresh_state())
 
 
+@pytest.mark.multidevice
 @pytest.mark.timeout(300)
 def test_restore_onto_a_different_device_count(tmp_path):
     devices4, devices2 = jax.local_devices()[:4], jax.local_devices()[:2]

@@ -42,6 +42,7 @@ def _sharded_dims(x):
     return [i for i, (a, b) in enumerate(zip(x.shape, shard)) if a != b]
 
 
+@pytest.mark.multidevice
 @pytest.mark.timeout(300)
 @pytest.mark.parametrize("config,strategy", [(DENSE, "tensor"), (MOE, "expert"), (MOE, "tensor")])
 def test_sharded_scoring_matches_unsharded(config, strategy):
@@ -68,6 +69,7 @@ def test_sharded_scoring_matches_unsharded(config, strategy):
     np.testing.assert_allclose(np.asarray(out), np.asarray(ref), atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.multidevice
 def test_expert_strategy_needs_divisible_moe():
     mesh = scoring.make_mesh(4)
     with pytest.raises(ValueError, match="num_experts"):

@@ -38,6 +38,7 @@ def assert_trees_close(a, b, tol=1e-5):
         np.testing.assert_allclose(np.asarray(x), np.asarray(y), atol=tol, rtol=tol)
 
 
+@pytest.mark.multidevice
 @pytest.mark.timeout(300)
 def test_pmap_matches_single_device():
     assert len(jax.local_devices()) >= N_DEV, "conftest should simulate 4 CPU devices"
@@ -112,6 +113,7 @@ def test_non_finite_step_is_skipped():
     assert all(np.all(np.isfinite(np.asarray(x))) for x in jax.tree.leaves(state.params))
 
 
+@pytest.mark.multidevice
 @pytest.mark.timeout(300)
 def test_traced_loss_kwargs_pass_through():
     """Extra dynamic arguments (e.g. the curriculum's beta) reach loss_fn on one and many devices."""

@@ -22,7 +22,9 @@ import jax.numpy as jnp
 from gopd_jax.models.config import Qwen3Config
 
 Params = dict
-KVCache = list  # one {"k": [B, S, K, hd], "v": [B, S, K, hd]} per layer
+# One {"k": [B, K, S, hd], "v": [B, K, S, hd]} per layer: (batch, kv head) leading, so decode attention is a
+# plain batched matmul over the cache without a transposed copy of it.
+KVCache = list
 
 
 # ---- initialisation ---------------------------------------------------------------------------
@@ -160,6 +162,19 @@ def causal_attention(q, k, v, block: int = ATTENTION_BLOCK):
     return jnp.moveaxis(out, 0, 1).reshape(b, n * block, h, d)[:, :t]
 
 
+def decode_attention(q, k_cache, v_cache, lengths):
+    """One query per row against its cache prefix. q [B, H, hd]; caches [B, K, S, hd]; lengths [B] (keys
+    0..length-1 are attended). Scores and softmax in float32; returns [B, H, hd] in q's dtype."""
+    b, h, hd = q.shape
+    kv_heads, s = k_cache.shape[1], k_cache.shape[2]
+    qg = q.reshape(b, kv_heads, h // kv_heads, hd)
+    scores = jnp.einsum("bkgd,bksd->bkgs", qg, k_cache.astype(q.dtype), preferred_element_type=jnp.float32)
+    valid = (jnp.arange(s)[None, :] < lengths[:, None])[:, None, None, :]
+    probs = jax.nn.softmax(jnp.where(valid, scores * hd ** -0.5, -jnp.inf), axis=-1)
+    out = jnp.einsum("bkgs,bksd->bkgd", probs.astype(v_cache.dtype), v_cache, preferred_element_type=jnp.float32)
+    return out.reshape(b, h, hd).astype(q.dtype)
+
+
 def _layer(p, config: Qwen3Config, layer: int, x, positions, cache, mode):
     """One decoder layer. mode: "full" (no cache), "prefill" (write the cache from 0), "decode" (T == 1,
     write each row's token at its own position and attend to the row's valid prefix only)."""
@@ -170,13 +185,15 @@ def _layer(p, config: Qwen3Config, layer: int, x, positions, cache, mode):
     if mode == "decode":
         rows = jnp.arange(b)
         pos = positions[:, 0]
-        cache = {"k": cache["k"].at[rows, pos].set(k[:, 0]), "v": cache["v"].at[rows, pos].set(v[:, 0])}
-        out = jax.nn.dot_product_attention(q, cache["k"], cache["v"], key_value_seq_lengths=pos + 1)
+        cache = {name: cache[name].at[rows, :, pos].set(new[:, 0].astype(cache[name].dtype))
+                 for name, new in (("k", k), ("v", v))}
+        out = decode_attention(q[:, 0], cache["k"], cache["v"], pos + 1)
     else:
         out = causal_attention(q, k, v)
         if mode == "prefill":
-            cache = {"k": jax.lax.dynamic_update_slice(cache["k"], k.astype(cache["k"].dtype), (0, 0, 0, 0)),
-                     "v": jax.lax.dynamic_update_slice(cache["v"], v.astype(cache["v"].dtype), (0, 0, 0, 0))}
+            cache = {name: jax.lax.dynamic_update_slice(cache[name], new.swapaxes(1, 2).astype(cache[name].dtype),
+                                                        (0, 0, 0, 0))
+                     for name, new in (("k", k), ("v", v))}
     x = x + out.reshape(b, t, -1) @ a["o"]
     h = rms_norm(x, p["post_norm"], config.rms_norm_eps)
     x = x + (_moe(p["moe"], config, h) if config.is_sparse_layer(layer) else _mlp(p["mlp"], h))
@@ -220,7 +237,7 @@ def forward(params: Params, config: Qwen3Config, tokens: jax.Array) -> jax.Array
 
 
 def init_cache(config: Qwen3Config, batch: int, max_len: int, dtype=jnp.float32) -> KVCache:
-    shape = (batch, max_len, config.num_key_value_heads, config.head_dim)
+    shape = (batch, config.num_key_value_heads, max_len, config.head_dim)
     return [{"k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype)} for _ in range(config.num_hidden_layers)]
 
 
