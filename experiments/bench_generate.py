@@ -20,6 +20,7 @@ import numpy as np
 
 from gopd_jax.generate import SamplingConfig, generate
 from gopd_jax.models import QWEN3_0_6B, Qwen3Config, init_cache, init_params, prefill, save_hf_checkpoint
+from gopd_jax.models.qwen3 import ATTENTION_IMPLS
 
 SMALL = Qwen3Config(vocab_size=4096, hidden_size=256, intermediate_size=768, num_hidden_layers=4,
                     num_attention_heads=4, num_key_value_heads=2, head_dim=64)
@@ -54,13 +55,14 @@ def best_seconds(fn, repeats):
     return best
 
 
-def time_ours(params, config, prompts, lengths, new, repeats):
+def time_ours(params, config, prompts, lengths, new, repeats, attention):
     """(seconds for prefill + `new` decode steps, seconds for the prefill alone), greedy, no early stop."""
     b, tp = prompts.shape
     sampling = SamplingConfig(max_new_tokens=new, temperature=0.0)
-    total = best_seconds(lambda r: generate(params, config, prompts, lengths, jax.random.key(r), sampling), repeats)
-    only_prefill = jax.jit(lambda p, t, n: prefill(p, config, t, n, init_cache(config, b, tp + new,
-                                                                               p["embed"].dtype))[0])
+    total = best_seconds(lambda r: generate(params, config, prompts, lengths, jax.random.key(r), sampling,
+                                            attention), repeats)
+    only_prefill = jax.jit(lambda p, t, n: prefill(p, config, t, n, init_cache(config, b, tp + new, p["embed"].dtype),
+                                                   attention)[0])
     return total, best_seconds(lambda _: only_prefill(params, prompts, lengths), repeats)
 
 
@@ -94,6 +96,8 @@ def main(argv=None):
     ap.add_argument("--new", type=int, default=64)
     ap.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
     ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--attention", nargs="+", default=["auto"], choices=ATTENTION_IMPLS,
+                    help="generation attention paths to time (see gopd_jax.models.qwen3.use_fused_attention)")
     ap.add_argument("--skip-transformers", action="store_true")
     args = ap.parse_args(argv)
 
@@ -116,24 +120,30 @@ def main(argv=None):
             rng = np.random.default_rng(batch)
             prompts = jnp.asarray(rng.integers(1, config.vocab_size, (batch, args.prompt)), jnp.int32)
             lengths = jnp.full((batch,), args.prompt, jnp.int32)
-            total, pre = time_ours(params, config, prompts, lengths, args.new, args.repeats)
             ref = float("nan") if args.skip_transformers else time_transformers(tmp, prompts, args.new,
                                                                                  args.repeats, args.dtype)
-            ours = batch * args.new / total
             # Decode phase alone against its HBM floor (mean context: prompt + half the new tokens).
             floor = args.new * decode_step_bytes(config, batch, args.prompt + args.new / 2,
                                                  jnp.dtype(dtype).itemsize)
-            decode = total - pre
-            roof = {name: 100 * floor / bw / decode if bw else float("nan")
-                    for name, bw in (("datasheet", datasheet), ("measured", measured))}
-            rows.append(f"| {batch} | {ours:,.0f} | {ref:,.0f} | {ours / ref:.2f}x | {pre * 1e3:.0f} | "
-                        f"{decode * 1e3:.0f} | {batch * args.new / decode:,.0f} | {roof['datasheet']:.0f}% | "
-                        f"{roof['measured']:.0f}% |")
-            print(rows[-1], flush=True)
-    print("\n| batch | gopd_jax tok/s | transformers tok/s | ratio | prefill ms | decode ms | decode tok/s "
+            for attention in args.attention:
+                try:
+                    total, pre = time_ours(params, config, prompts, lengths, args.new, args.repeats, attention)
+                except Exception as e:  # one failing path must not cost the other rows
+                    rows.append(f"| {batch} | {attention} | failed: {type(e).__name__}: {str(e)[:300]} |")
+                    print(rows[-1], flush=True)
+                    continue
+                ours, decode = batch * args.new / total, total - pre
+                roof = {name: 100 * floor / bw / decode if bw else float("nan")
+                        for name, bw in (("datasheet", datasheet), ("measured", measured))}
+                rows.append(f"| {batch} | {attention} | {ours:,.0f} | {ref:,.0f} | {ours / ref:.2f}x | {pre * 1e3:.0f} | "
+                            f"{decode * 1e3:.0f} | {batch * args.new / decode:,.0f} | {roof['datasheet']:.0f}% | "
+                            f"{roof['measured']:.0f}% |")
+                print(rows[-1], flush=True)
+    print("\n| batch | attention | gopd_jax tok/s | transformers tok/s | ratio | prefill ms | decode ms | decode tok/s "
           "| decode % of HBM roofline (datasheet) | (measured copy BW) |")
-    print("|---|---|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|---|---|")
     print("\n".join(rows))
+
 
 if __name__ == "__main__":
     main()

@@ -14,8 +14,8 @@ nvidia-smi --query-gpu=name,memory.total,clocks.sm,clocks.mem,driver_version --f
 $PY -c "import jax, flax, optax, orbax.checkpoint as o, transformers, torch; print('jax', jax.__version__, 'flax',
 flax.__version__, 'optax', optax.__version__, 'transformers', transformers.__version__, 'torch', torch.__version__,
 jax.devices())" >> "$OUT/gpu.txt" 2>&1
-timeout 240 $PY -m experiments.bench_generate --preset qwen3-0.6b --batch 64 256 --prompt 512 --new 128 \
-  --dtype bfloat16 --repeats 2 > "$OUT/bench_generate.txt" 2>&1
+timeout 300 $PY -m experiments.bench_generate --preset qwen3-0.6b --batch 64 256 --prompt 512 --new 128 \
+  --dtype bfloat16 --repeats 2 --attention xla fused > "$OUT/bench_generate.txt" 2>&1
 # fp32 parity needs true fp32 matmuls (the GPU default would use TF32).
 JAX_DEFAULT_MATMUL_PRECISION=highest timeout 150 $PY -m pytest tests/test_models.py tests/test_generate.py -q \
   -p no:cacheprovider > "$OUT/tests_models_generate.txt" 2>&1

@@ -14,6 +14,7 @@ import jax
 import jax.numpy as jnp
 
 from gopd_jax.models import Qwen3Config, decode_step, init_cache, prefill
+from gopd_jax.models.qwen3 import DECODE_SPLIT, use_fused_attention
 
 
 @dataclasses.dataclass(frozen=True)
@@ -79,19 +80,24 @@ def row_keys(key: jax.Array, batch: int) -> jax.Array:
     return key
 
 
-@partial(jax.jit, static_argnames=("config", "sampling"))
+@partial(jax.jit, static_argnames=("config", "sampling", "attention"))
 def generate(params, config: Qwen3Config, prompt_tokens: jax.Array, prompt_lengths: jax.Array, key: jax.Array,
-             sampling: SamplingConfig) -> Generation:
+             sampling: SamplingConfig, attention: str = "auto") -> Generation:
     """Sample up to `sampling.max_new_tokens` tokens for each right-padded prompt row.
 
     prompt_tokens [B, Tp] int32, prompt_lengths [B] int32 (>= 1). `key`: one PRNG key, or one per row
-    ([B]); with per-row keys each row's tokens depend only on its own prompt and key. Deterministic."""
+    ([B]); with per-row keys each row's tokens depend only on its own prompt and key. Deterministic.
+    `attention`: "auto" (fused kernels on GPU for bf16/fp16 weights), "xla" or "fused" (see
+    `gopd_jax.models.qwen3.use_fused_attention`)."""
     b, tp = prompt_tokens.shape
     keys = row_keys(key, b)
     n = sampling.max_new_tokens
     prompt_lengths = prompt_lengths.astype(jnp.int32)
-    cache = init_cache(config, b, tp + n, params["embed"].dtype)
-    logits, cache = prefill(params, config, prompt_tokens, prompt_lengths, cache)
+    slots = tp + n
+    if use_fused_attention(attention, params["embed"].dtype):
+        slots = -(-slots // DECODE_SPLIT) * DECODE_SPLIT  # the fused kernel never reads the rounding
+    cache = init_cache(config, b, slots, params["embed"].dtype)
+    logits, cache = prefill(params, config, prompt_tokens, prompt_lengths, cache, attention)
     stops = jnp.asarray(sampling.stop_token_ids or (-1,), jnp.int32)
 
     def cond(state):
@@ -107,7 +113,7 @@ def generate(params, config: Qwen3Config, prompt_tokens: jax.Array, prompt_lengt
         tokens = tokens.at[:, i].set(token)
         logps = logps.at[:, i].set(jnp.where(done, 0.0, logp))
         done = done | jnp.any(token[:, None] == stops[None, :], axis=-1)
-        logits, cache = decode_step(params, config, token, prompt_lengths + i, cache)
+        logits, cache = decode_step(params, config, token, prompt_lengths + i, cache, attention)
         return i + 1, tokens, logps, done, logits, cache
 
     state = (jnp.int32(0), jnp.full((b, n), sampling.pad_id, jnp.int32), jnp.zeros((b, n), jnp.float32),

@@ -112,3 +112,62 @@ def test_bad_sampling_settings():
         SamplingConfig(top_p=0.0)
     with pytest.raises(ValueError, match="max_new_tokens"):
         SamplingConfig(max_new_tokens=0)
+
+
+# head_dim 16: the smallest the fused (Triton) decode kernel takes on a GPU.
+CFG16 = Qwen3Config(vocab_size=61, hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
+                    num_key_value_heads=2, head_dim=16)
+# On CPU the fused decode kernel runs in Pallas' interpreter (exact float32); on a GPU Triton's float32 dots may
+# use TF32.
+FUSED_ATOL = 2e-5 if jax.default_backend() == "cpu" else 3e-3
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_fused_decode_attention_matches_xla(dtype):
+    from gopd_jax.models.qwen3 import DECODE_SPLIT, decode_attention
+
+    b, h, kv, s, hd = 3, 4, 2, 2 * DECODE_SPLIT, 16
+    keys = jax.random.split(jax.random.key(5), 3)
+    q = jax.random.normal(keys[0], (b, h, hd), jnp.float32)
+    k = jax.random.normal(keys[1], (b, kv, s, hd), jnp.float32)
+    v = jax.random.normal(keys[2], (b, kv, s, hd), jnp.float32)
+    lengths = jnp.array([1, DECODE_SPLIT + 3, s], jnp.int32)
+    beyond = jnp.arange(s)[None, None, :, None] >= lengths[:, None, None, None]
+    k, v = jnp.where(beyond, 1e4, k), jnp.where(beyond, 1e4, v)  # cache slots past a row's length are ignored
+    ref = decode_attention(q, k, v, lengths)
+    out = decode_attention(q.astype(dtype), k.astype(dtype), v.astype(dtype), lengths, fused=True)
+    assert out.dtype == dtype
+    np.testing.assert_allclose(np.asarray(out, np.float32), ref, atol=FUSED_ATOL if dtype == jnp.float32 else 5e-2)
+
+
+def test_fused_generation_logprobs_are_log_softmax_of_forward():
+    params = jax.tree.map(lambda a: a * 12.0 if a.ndim == 2 else a, init_params(CFG16, jax.random.key(0)))
+    prompts = jnp.asarray(np.random.default_rng(1).integers(1, CFG16.vocab_size, (3, 6)), jnp.int32)
+    lengths = jnp.array([6, 2, 4], jnp.int32)
+    out = generate(params, CFG16, prompts, lengths, jax.random.key(1), SamplingConfig(max_new_tokens=6),
+                   attention="fused")
+    for b, seq in enumerate(_full_sequences(prompts, lengths, out)):
+        logp = jax.nn.log_softmax(forward(params, CFG16, jnp.asarray(seq)[None])[0], axis=-1)
+        n = int(lengths[b])
+        np.testing.assert_allclose(out.logprobs[b, :out.lengths[b]], logp[np.arange(n - 1, len(seq) - 1), seq[n:]],
+                                   atol=FUSED_ATOL * 10)
+
+
+def test_unknown_attention_implementation():
+    with pytest.raises(ValueError, match="attention must be one of"):
+        generate(init_params(CFG16, jax.random.key(0)), CFG16, jnp.ones((1, 2), jnp.int32), jnp.array([2]),
+                 jax.random.key(0), SamplingConfig(max_new_tokens=2), attention="flash")
+
+
+@pytest.mark.skipif(jax.default_backend() != "gpu", reason="cuDNN flash attention (the fused prefill) needs a GPU")
+def test_fused_prefill_matches_xla_in_bfloat16():
+    from gopd_jax.models import init_cache, prefill
+
+    params = init_params(CFG16, jax.random.key(3), jnp.bfloat16)
+    prompts = jnp.asarray(np.random.default_rng(2).integers(1, CFG16.vocab_size, (2, 64)), jnp.int32)
+    lengths = jnp.array([64, 17], jnp.int32)
+    cache = init_cache(CFG16, 2, 128, jnp.bfloat16)
+    ref, ref_cache = prefill(params, CFG16, prompts, lengths, cache, attention="xla")
+    out, out_cache = prefill(params, CFG16, prompts, lengths, cache, attention="fused")
+    np.testing.assert_allclose(out, ref, atol=2e-2, rtol=2e-2)
+    np.testing.assert_array_equal(np.asarray(out_cache[0]["k"], np.float32), np.asarray(ref_cache[0]["k"], np.float32))

@@ -162,11 +162,43 @@ def causal_attention(q, k, v, block: int = ATTENTION_BLOCK):
     return jnp.moveaxis(out, 0, 1).reshape(b, n * block, h, d)[:, :t]
 
 
-def decode_attention(q, k_cache, v_cache, lengths):
+ATTENTION_IMPLS = ("auto", "xla", "fused")
+
+
+def use_fused_attention(attention: str, dtype) -> bool:
+    """Whether generation uses the fused kernels: cuDNN flash attention for the prefill and a Pallas
+    split-k flash-decoding kernel that reads only each row's valid cache prefix. "auto" picks them on GPU
+    for 16-bit activations; "xla" is the portable path (and exact in float32); "fused" forces them (on CPU
+    the decode kernel runs in Pallas' interpreter and the prefill stays on XLA: for tests only)."""
+    if attention not in ATTENTION_IMPLS:
+        raise ValueError(f"attention must be one of {ATTENTION_IMPLS}, got {attention!r}")
+    half = jnp.dtype(dtype) in (jnp.bfloat16, jnp.float16)
+    return attention == "fused" or (attention == "auto" and half and jax.default_backend() == "gpu")
+
+
+DECODE_SPLIT = 128  # cache positions per split of the fused decode kernel (a power of two for Triton)
+
+
+def decode_attention(q, k_cache, v_cache, lengths, fused: bool = False):
     """One query per row against its cache prefix. q [B, H, hd]; caches [B, K, S, hd]; lengths [B] (keys
-    0..length-1 are attended). Scores and softmax in float32; returns [B, H, hd] in q's dtype."""
+    0..length-1 are attended). Scores and softmax in float32; returns [B, H, hd] in q's dtype.
+
+    fused: the Pallas flash-decoding kernel (S must be a multiple of DECODE_SPLIT); it skips the splits
+    past each row's length, where the XLA path reads the whole cache slab."""
     b, h, hd = q.shape
     kv_heads, s = k_cache.shape[1], k_cache.shape[2]
+    if fused:
+        from jax.experimental.pallas.ops.gpu import decode_attention as pallas_decode
+
+        if s % DECODE_SPLIT:
+            raise ValueError(f"fused decode attention needs a cache length divisible by {DECODE_SPLIT}, got {s}; "
+                             f"round the cache length up (generate does)")
+        out = pallas_decode.mqa(
+            q.reshape(b * kv_heads, h // kv_heads, hd), k_cache.reshape(b * kv_heads, s, hd).astype(q.dtype),
+            v_cache.reshape(b * kv_heads, s, hd).astype(q.dtype), kv_seq_len=jnp.repeat(lengths, kv_heads),
+            sm_scale=hd ** -0.5, block_k=DECODE_SPLIT, k_splits=s // DECODE_SPLIT,
+            interpret=jax.default_backend() != "gpu")
+        return out.reshape(b, h, hd).astype(q.dtype)
     qg = q.reshape(b, kv_heads, h // kv_heads, hd)
     scores = jnp.einsum("bkgd,bksd->bkgs", qg, k_cache.astype(q.dtype), preferred_element_type=jnp.float32)
     valid = (jnp.arange(s)[None, :] < lengths[:, None])[:, None, None, :]
@@ -175,7 +207,7 @@ def decode_attention(q, k_cache, v_cache, lengths):
     return out.reshape(b, h, hd).astype(q.dtype)
 
 
-def _layer(p, config: Qwen3Config, layer: int, x, positions, cache, mode):
+def _layer(p, config: Qwen3Config, layer: int, x, positions, cache, mode, attention="xla"):
     """One decoder layer. mode: "full" (no cache), "prefill" (write the cache from 0), "decode" (T == 1,
     write each row's token at its own position and attend to the row's valid prefix only)."""
     b, t, _ = x.shape
@@ -187,7 +219,10 @@ def _layer(p, config: Qwen3Config, layer: int, x, positions, cache, mode):
         pos = positions[:, 0]
         cache = {name: cache[name].at[rows, :, pos].set(new[:, 0].astype(cache[name].dtype))
                  for name, new in (("k", k), ("v", v))}
-        out = decode_attention(q[:, 0], cache["k"], cache["v"], pos + 1)
+        out = decode_attention(q[:, 0], cache["k"], cache["v"], pos + 1, use_fused_attention(attention, q.dtype))
+    elif (mode == "prefill" and use_fused_attention(attention, q.dtype) and jax.default_backend() == "gpu"
+          and q.dtype in (jnp.bfloat16, jnp.float16)):  # cuDNN flash attention takes 16-bit inputs only
+        out = jax.nn.dot_product_attention(q, k, v, is_causal=True, implementation="cudnn")
     else:
         out = causal_attention(q, k, v)
         if mode == "prefill":
@@ -200,11 +235,11 @@ def _layer(p, config: Qwen3Config, layer: int, x, positions, cache, mode):
     return x, cache
 
 
-def _decoder(params, config, tokens, positions, cache, mode):
+def _decoder(params, config, tokens, positions, cache, mode, attention="xla"):
     x = params["embed"][tokens]
     new_cache = []
     for i, lp in enumerate(params["layers"]):
-        x, c = _layer(lp, config, i, x, positions, None if cache is None else cache[i], mode)
+        x, c = _layer(lp, config, i, x, positions, None if cache is None else cache[i], mode, attention)
         new_cache.append(c)
     return rms_norm(x, params["final_norm"], config.rms_norm_eps), new_cache
 
@@ -241,20 +276,23 @@ def init_cache(config: Qwen3Config, batch: int, max_len: int, dtype=jnp.float32)
     return [{"k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype)} for _ in range(config.num_hidden_layers)]
 
 
-def prefill(params: Params, config: Qwen3Config, tokens: jax.Array, lengths: jax.Array, cache: KVCache):
+def prefill(params: Params, config: Qwen3Config, tokens: jax.Array, lengths: jax.Array, cache: KVCache,
+            attention: str = "auto"):
     """Run right-padded prompts [B, T] (valid lengths [B]) and fill cache positions 0..T-1.
 
     Returns (float32 logits at each row's last valid token [B, V], cache). Cache entries past a row's
-    length hold padding; decoding overwrites them before they can be attended to."""
+    length hold padding; decoding overwrites them before they can be attended to. `attention`: see
+    `use_fused_attention` (static)."""
     b, t = tokens.shape
     positions = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
-    hidden, cache = _decoder(params, config, tokens, positions, cache, "prefill")
+    hidden, cache = _decoder(params, config, tokens, positions, cache, "prefill", attention)
     last = jnp.take_along_axis(hidden, (lengths - 1)[:, None, None].astype(jnp.int32), axis=1)[:, 0]
     return unembed(params, config, last), cache
 
 
-def decode_step(params: Params, config: Qwen3Config, tokens: jax.Array, positions: jax.Array, cache: KVCache):
+def decode_step(params: Params, config: Qwen3Config, tokens: jax.Array, positions: jax.Array, cache: KVCache,
+                attention: str = "auto"):
     """One token per row: tokens [B] at positions [B] -> (float32 logits [B, V], cache)."""
     hidden, cache = _decoder(params, config, tokens[:, None], positions[:, None].astype(jnp.int32), cache,
-                             "decode")
+                             "decode", attention)
     return unembed(params, config, hidden[:, 0]), cache
