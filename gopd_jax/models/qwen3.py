@@ -16,6 +16,8 @@ Layers are a Python list (unrolled under jit) because MoE checkpoints may mix de
 
 from __future__ import annotations
 
+import warnings
+
 import jax
 import jax.numpy as jnp
 
@@ -173,7 +175,23 @@ def use_fused_attention(attention: str, dtype) -> bool:
     if attention not in ATTENTION_IMPLS:
         raise ValueError(f"attention must be one of {ATTENTION_IMPLS}, got {attention!r}")
     half = jnp.dtype(dtype) in (jnp.bfloat16, jnp.float16)
-    return attention == "fused" or (attention == "auto" and half and jax.default_backend() == "gpu")
+    if attention == "fused" and _pallas_decode() is None:
+        raise ValueError("attention='fused' needs jax.experimental.pallas.ops.gpu.decode_attention, which this jax "
+                         "no longer ships; use attention='xla'")
+    return attention == "fused" or (attention == "auto" and half and jax.default_backend() == "gpu"
+                                     and _pallas_decode() is not None)
+
+
+def _pallas_decode():
+    """JAX's Pallas (Triton) flash-decoding op, or None where this jax version has dropped it (it is
+    deprecated with the Pallas Triton backend as of jax 0.11)."""
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", DeprecationWarning)
+            from jax.experimental.pallas.ops.gpu import decode_attention
+    except ImportError:
+        return None
+    return decode_attention
 
 
 DECODE_SPLIT = 128  # cache positions per split of the fused decode kernel (a power of two for Triton)
@@ -188,12 +206,10 @@ def decode_attention(q, k_cache, v_cache, lengths, fused: bool = False):
     b, h, hd = q.shape
     kv_heads, s = k_cache.shape[1], k_cache.shape[2]
     if fused:
-        from jax.experimental.pallas.ops.gpu import decode_attention as pallas_decode
-
         if s % DECODE_SPLIT:
             raise ValueError(f"fused decode attention needs a cache length divisible by {DECODE_SPLIT}, got {s}; "
                              f"round the cache length up (generate does)")
-        out = pallas_decode.mqa(
+        out = _pallas_decode().mqa(
             q.reshape(b * kv_heads, h // kv_heads, hd), k_cache.reshape(b * kv_heads, s, hd).astype(q.dtype),
             v_cache.reshape(b * kv_heads, s, hd).astype(q.dtype), kv_seq_len=jnp.repeat(lengths, kv_heads),
             sm_scale=hd ** -0.5, block_k=DECODE_SPLIT, k_splits=s // DECODE_SPLIT,
@@ -220,15 +236,16 @@ def _layer(p, config: Qwen3Config, layer: int, x, positions, cache, mode, attent
         cache = {name: cache[name].at[rows, :, pos].set(new[:, 0].astype(cache[name].dtype))
                  for name, new in (("k", k), ("v", v))}
         out = decode_attention(q[:, 0], cache["k"], cache["v"], pos + 1, use_fused_attention(attention, q.dtype))
-    elif (mode == "prefill" and use_fused_attention(attention, q.dtype) and jax.default_backend() == "gpu"
-          and q.dtype in (jnp.bfloat16, jnp.float16)):  # cuDNN flash attention takes 16-bit inputs only
-        out = jax.nn.dot_product_attention(q, k, v, is_causal=True, implementation="cudnn")
     else:
-        out = causal_attention(q, k, v)
         if mode == "prefill":
             cache = {name: jax.lax.dynamic_update_slice(cache[name], new.swapaxes(1, 2).astype(cache[name].dtype),
                                                         (0, 0, 0, 0))
                      for name, new in (("k", k), ("v", v))}
+        if (mode == "prefill" and use_fused_attention(attention, q.dtype) and jax.default_backend() == "gpu"
+                and q.dtype in (jnp.bfloat16, jnp.float16)):  # cuDNN flash attention takes 16-bit inputs only
+            out = jax.nn.dot_product_attention(q, k, v, is_causal=True, implementation="cudnn")
+        else:
+            out = causal_attention(q, k, v)
     x = x + out.reshape(b, t, -1) @ a["o"]
     h = rms_norm(x, p["post_norm"], config.rms_norm_eps)
     x = x + (_moe(p["moe"], config, h) if config.is_sparse_layer(layer) else _mlp(p["mlp"], h))
