@@ -23,7 +23,7 @@ from tqdm.auto import tqdm
 
 from gopd_jax.curriculum import draw_owners
 from gopd_jax.envs import EnvPool, StepResult, TaskSpec
-from gopd_jax.envs.prompting import MAX_TURNS, build_messages, invalid_step_result, parse_action
+from gopd_jax.envs.prompting import MAX_TURNS, fit_prompt, invalid_step_result, parse_action
 from gopd_jax.evaluate import EpisodeResult
 from gopd_jax.generate import SamplingConfig, generate
 from gopd_jax.models import Qwen3Config
@@ -133,13 +133,10 @@ class RolloutRunner:
 
     def _prompt(self, ep: _Live) -> np.ndarray:
         c = self.config
-        for k in range(c.k_history, -1, -1):  # drop history before ever truncating the prompt
-            msgs = build_messages(ep.goal, ep.history, ep.last.observation, ep.last.admissible_actions, c.env,
-                                  k_history=k, think=c.think)
-            ids = render_chat(self.tokenizer, msgs, enable_thinking=c.think)
-            if len(ids) <= c.max_prompt_tokens:
-                break
-        return np.asarray(ids[-c.max_prompt_tokens:], np.int32)
+        ids = fit_prompt(lambda msgs: render_chat(self.tokenizer, msgs, enable_thinking=c.think), ep.goal,
+                         ep.history, ep.last.observation, ep.last.admissible_actions, c.env, c.max_prompt_tokens,
+                         k_history=c.k_history, think=c.think)
+        return np.asarray(ids, np.int32)
 
     def expert_reply(self, action: str) -> np.ndarray:
         """Token ids of the reply an ideal agent gives for `action` (the stop token included)."""

@@ -2,8 +2,8 @@
 import pytest
 
 from gopd_jax.envs import StepResult
-from gopd_jax.envs.prompting import (INVALID_ACTION_FEEDBACK, MAX_TURNS, build_messages, invalid_step_result,
-                                     parse_action)
+from gopd_jax.envs.prompting import (INVALID_ACTION_FEEDBACK, MAX_TURNS, build_messages, fit_prompt,
+                                     invalid_step_result, parse_action)
 
 
 @pytest.mark.parametrize("reply, expected", [
@@ -63,3 +63,37 @@ def test_invalid_step_result_keeps_env_state():
     assert result.info == {"invalid_action": True} and not result.done
     assert result.score == 25.0 and result.admissible_actions == ("look",) and result.reward == 0.0
     assert MAX_TURNS == {"alfworld": 30, "scienceworld": 30, "webshop": 15}
+
+
+def _chars(messages):  # a character-level stand-in for the chat template: one "token" per character
+    return [ord(ch) for m in messages for ch in m["content"]]
+
+
+def test_fit_prompt_drops_history_then_actions_and_keeps_system_and_task():
+    history = [(f"obs {i}", f"act {i}") for i in range(4)]
+    actions = [f"examine object number {i}" for i in range(200)]
+    full = _chars(build_messages("boil water", history, "You are in the kitchen.", actions, "scienceworld"))
+    no_history = _chars(build_messages("boil water", history, "You are in the kitchen.", actions, "scienceworld",
+                                       k_history=0))
+    assert fit_prompt(_chars, "boil water", history, "You are in the kitchen.", actions, "scienceworld",
+                      len(full)) == full
+    assert fit_prompt(_chars, "boil water", history, "You are in the kitchen.", actions, "scienceworld",
+                      len(no_history)) == no_history
+
+    budget = len(no_history) // 3
+    ids = fit_prompt(_chars, "boil water", history, "You are in the kitchen.", actions, "scienceworld", budget)
+    text = "".join(map(chr, ids))
+    assert len(ids) <= budget and text.startswith("You are an agent in ScienceWorld")
+    assert "Task: boil water" in text and "You are in the kitchen." in text and "act 3" not in text
+    shown = sum(f"examine object number {i}\n" in text for i in range(200))
+    assert 0 < shown < 200 and f"(... {200 - shown} more admissible actions not shown)" in text
+    # The longest action list that fits: one more action would not.
+    one_more = _chars(build_messages("boil water", history, "You are in the kitchen.",
+                                     actions[:shown + 1] + [f"(... {199 - shown} more admissible actions not shown)"],
+                                     "scienceworld", k_history=0))
+    assert len(one_more) > budget
+
+
+def test_fit_prompt_cuts_the_start_only_when_nothing_else_fits():
+    ids = fit_prompt(_chars, "g", [], "x" * 500, ["look"], "alfworld", 100)
+    assert len(ids) == 100 and "".join(map(chr, ids)).endswith("Reply with <think>...</think><action>...</action>.")

@@ -65,6 +65,32 @@ def build_messages(goal: str, history: list[tuple[str, str]], observation: str,
             {"role": "user", "content": "\n\n".join(parts)}]
 
 
+def fit_prompt(render, goal: str, history: list[tuple[str, str]], observation: str,
+               admissible_actions: tuple[str, ...] | list[str], env_name: str, max_tokens: int,
+               k_history: int = 2, think: bool = True) -> list[int]:
+    """Token ids of the longest prompt within `max_tokens`; `render(messages) -> ids` is the chat template.
+
+    Cuts in order of what matters least: history pairs first, then the tail of the admissible-action list
+    (replaced by a line saying how many are hidden), and only as a last resort the start of the token ids.
+    The system prompt and the task survive whenever the observation alone fits (ScienceWorld lists 100-440
+    admissible actions, which alone can exceed a small tokenizer's budget)."""
+    def ids_for(k, n_actions):
+        actions = list(admissible_actions[:n_actions])
+        if n_actions < len(admissible_actions):
+            actions.append(f"(... {len(admissible_actions) - n_actions} more admissible actions not shown)")
+        return render(build_messages(goal, history, observation, actions, env_name, k_history=k, think=think))
+
+    for k in range(k_history, -1, -1):
+        ids = ids_for(k, len(admissible_actions))
+        if len(ids) <= max_tokens:
+            return ids
+    lo, hi = 0, len(admissible_actions)  # most actions that fit: ids_for(0, lo) fits or lo == 0
+    while lo < hi:
+        mid = (lo + hi + 1) // 2
+        lo, hi = (mid, hi) if len(ids_for(0, mid)) <= max_tokens else (lo, mid - 1)
+    return ids_for(0, lo)[-max_tokens:]
+
+
 def parse_action(reply_text: str) -> str | None:
     """The content of the last complete `<action>...</action>` tag, whitespace collapsed to single
     spaces (environments match commands exactly); None if there is none or it is empty."""
