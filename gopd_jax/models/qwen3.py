@@ -16,6 +16,7 @@ Layers are a Python list (unrolled under jit) because MoE checkpoints may mix de
 
 from __future__ import annotations
 
+import functools
 import warnings
 
 import jax
@@ -167,6 +168,9 @@ def causal_attention(q, k, v, block: int = ATTENTION_BLOCK):
 ATTENTION_IMPLS = ("auto", "xla", "fused")
 
 
+_HALF = (jnp.bfloat16, jnp.float16)
+
+
 def use_fused_attention(attention: str, dtype) -> bool:
     """Whether generation uses the fused kernels: cuDNN flash attention for the prefill and a Pallas
     split-k flash-decoding kernel that reads only each row's valid cache prefix. "auto" picks them on GPU
@@ -174,14 +178,19 @@ def use_fused_attention(attention: str, dtype) -> bool:
     the decode kernel runs in Pallas' interpreter and the prefill stays on XLA: for tests only)."""
     if attention not in ATTENTION_IMPLS:
         raise ValueError(f"attention must be one of {ATTENTION_IMPLS}, got {attention!r}")
-    half = jnp.dtype(dtype) in (jnp.bfloat16, jnp.float16)
     if attention == "fused" and _pallas_decode() is None:
         raise ValueError("attention='fused' needs jax.experimental.pallas.ops.gpu.decode_attention, which this jax "
                          "no longer ships; use attention='xla'")
-    return attention == "fused" or (attention == "auto" and half and jax.default_backend() == "gpu"
-                                     and _pallas_decode() is not None)
+    return attention == "fused" or (attention == "auto" and jnp.dtype(dtype) in _HALF
+                                     and jax.default_backend() == "gpu" and _pallas_decode() is not None)
 
 
+def _use_cudnn_prefill(attention: str, dtype) -> bool:
+    """The fused prefill runs where cuDNN flash attention does: on a GPU, for 16-bit inputs only."""
+    return use_fused_attention(attention, dtype) and jax.default_backend() == "gpu" and jnp.dtype(dtype) in _HALF
+
+
+@functools.cache
 def _pallas_decode():
     """JAX's Pallas (Triton) flash-decoding op, or None where this jax version has dropped it (it is
     deprecated with the Pallas Triton backend as of jax 0.11)."""
@@ -216,7 +225,7 @@ def decode_attention(q, k_cache, v_cache, lengths, fused: bool = False):
             interpret=jax.default_backend() != "gpu")
         return out.reshape(b, h, hd).astype(q.dtype)
     qg = q.reshape(b, kv_heads, h // kv_heads, hd)
-    scores = jnp.einsum("bkgd,bksd->bkgs", qg, k_cache.astype(q.dtype), preferred_element_type=jnp.float32)
+    scores = jnp.einsum("bkgd,bksd->bkgs", qg, k_cache, preferred_element_type=jnp.float32)
     valid = (jnp.arange(s)[None, :] < lengths[:, None])[:, None, None, :]
     probs = jax.nn.softmax(jnp.where(valid, scores * hd ** -0.5, -jnp.inf), axis=-1)
     out = jnp.einsum("bkgs,bksd->bkgd", probs.astype(v_cache.dtype), v_cache, preferred_element_type=jnp.float32)
@@ -241,8 +250,7 @@ def _layer(p, config: Qwen3Config, layer: int, x, positions, cache, mode, attent
             cache = {name: jax.lax.dynamic_update_slice(cache[name], new.swapaxes(1, 2).astype(cache[name].dtype),
                                                         (0, 0, 0, 0))
                      for name, new in (("k", k), ("v", v))}
-        if (mode == "prefill" and use_fused_attention(attention, q.dtype) and jax.default_backend() == "gpu"
-                and q.dtype in (jnp.bfloat16, jnp.float16)):  # cuDNN flash attention takes 16-bit inputs only
+        if mode == "prefill" and _use_cudnn_prefill(attention, q.dtype):
             out = jax.nn.dot_product_attention(q, k, v, is_causal=True, implementation="cudnn")
         else:
             out = causal_attention(q, k, v)
