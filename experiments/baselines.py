@@ -1,6 +1,7 @@
 """Baselines in the same runner: SFT on expert trajectories (ALFWorld walkthroughs / ScienceWorld gold paths),
-TCOD's trajectory-depth curriculum (the student plays the first k turns, k growing to the turn limit), vanilla
-OPD and Guided-OPD.
+TCOD's temporal curriculum in both orderings (f2b: the student plays the first k turns; b2f: the teacher's
+prefix, then the student's last k turns; k growing to the turn limit; see gopd_jax.methods), vanilla OPD and
+Guided-OPD.
 
     python -m experiments.baselines --student DIR --teacher DIR [--env alfworld] [any runner flag]
 """
@@ -8,8 +9,8 @@ OPD and Guided-OPD.
 from experiments.grid import parse_base, run_variants
 from gopd_jax.experiment import ExperimentConfig
 
-VARIANTS = {"sft": dict(method="sft"), "tcod": dict(method="tcod"), "opd": dict(method="opd"),
-            "guided_opd": dict(method="guided_opd")}
+VARIANTS = {"sft": dict(method="sft"), "tcod_f2b": dict(method="tcod_f2b"), "tcod_b2f": dict(method="tcod_b2f"),
+            "opd": dict(method="opd"), "guided_opd": dict(method="guided_opd")}
 
 
 def main(argv=None):

@@ -9,9 +9,8 @@ import argparse
 import dataclasses
 import json
 
-from gopd_jax.evaluate import evaluate_expert, format_table
+from gopd_jax.evaluate import evaluate_checkpoint, evaluate_expert, format_table
 from gopd_jax.experiment import ExperimentConfig
-from gopd_jax.runner import evaluate_checkpoint
 
 
 def main(argv=None):
@@ -19,7 +18,7 @@ def main(argv=None):
     ap.add_argument("--env", default="alfworld")
     ap.add_argument("--split", default="valid_unseen")
     ap.add_argument("--policy", required=True, help="'expert' or a Hugging Face checkpoint directory")
-    ap.add_argument("--limit", type=int, default=0, help="first N tasks of the split (0: all)")
+    ap.add_argument("--limit", type=int, default=0, help="a seeded draw of N tasks stratified over task types (0: the whole split)")
     ap.add_argument("--num-workers", type=int, default=4)
     ap.add_argument("--temperature", type=float, default=0.4)
     ap.add_argument("--max-turns", type=int, default=0, help="0: the paper's per-environment limit")

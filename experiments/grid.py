@@ -9,6 +9,7 @@ import json
 from pathlib import Path
 
 from gopd_jax.experiment import ExperimentConfig, add_config_args, config_from_args
+from gopd_jax.reporting import markdown_table
 from gopd_jax.runner import run_experiment
 
 
@@ -40,7 +41,7 @@ def run_variants(base: ExperimentConfig, variants: dict[str, dict], title: str) 
 
 
 def results_table(results: dict[str, dict], title: str) -> str:
-    lines = [f"# {title}", "", "| variant | Score | Success Rate (%) | Rounds | n |", "|---|---|---|---|---|"]
-    lines += [f"| {name} | {r['score']:.2f} | {r['success_rate']:.2f} | {r['rounds']:.2f} | {r['n']} |"
-              for name, r in results.items()]
-    return "\n".join(lines) + "\n"
+    return f"# {title}\n\n" + markdown_table(
+        ["variant", "Score", "Success Rate (%)", "Rounds", "n"],
+        [[name, f"{r['score']:.2f}", f"{r['success_rate']:.2f}", f"{r['rounds']:.2f}", r["n"]]
+         for name, r in results.items()]) + "\n"

@@ -12,8 +12,10 @@ import json
 from pathlib import Path
 
 from experiments.grid import parse_base
+from gopd_jax.evaluate import evaluate_checkpoint
 from gopd_jax.experiment import ExperimentConfig
-from gopd_jax.runner import evaluate_checkpoint, run_experiment
+from gopd_jax.reporting import markdown_table
+from gopd_jax.runner import run_experiment
 
 ENV_SPLITS = {"alfworld": ("train", "valid_unseen"), "scienceworld": ("train", "test")}
 
@@ -35,7 +37,7 @@ def _cached(path: Path, compute):
 def main(argv=None):
     base, args = parse_base(__doc__, ExperimentConfig(name="main_table", out_dir="runs/main_table"), argv, _extra)
     root = Path(base.out_dir)
-    lines = ["| env | student | system | Score | Success Rate (%) | Rounds |", "|---|---|---|---|---|---|"]
+    table = []
     for env in args.envs:
         train, evaluation = ENV_SPLITS[env]
         for student in args.students:
@@ -49,10 +51,11 @@ def main(argv=None):
             for method in ("opd", "guided_opd"):
                 run = dataclasses.replace(cfg, method=method, name=f"{tag}/{method}", out_dir=str(root / tag / method))
                 rows[method] = _cached(Path(run.out_dir) / "final_eval.json", lambda: run_experiment(run))
-            lines += [f"| {env} | {Path(student).name} | {name} | {r['score']:.2f} | {r['success_rate']:.2f} | "
-                      f"{r['rounds']:.2f} |" for name, r in rows.items()]
-            (root / "main_table.md").write_text("\n".join(lines) + "\n")
-    print("\n".join(lines))
+            table += [[env, Path(student).name, name, f"{r['score']:.2f}", f"{r['success_rate']:.2f}",
+                       f"{r['rounds']:.2f}"] for name, r in rows.items()]
+            text = markdown_table(["env", "student", "system", "Score", "Success Rate (%)", "Rounds"], table)
+            (root / "main_table.md").write_text(text + "\n")
+    print(text)
 
 
 if __name__ == "__main__":

@@ -25,8 +25,10 @@ import jax
 from gopd_jax.envs import EnvPool, list_tasks
 from gopd_jax.envs.prompting import build_messages
 from gopd_jax.experiment import ExperimentConfig
+from gopd_jax.methods import owners_from_beta
 from gopd_jax.models import Qwen3Config, init_params, save_hf_checkpoint
-from gopd_jax.rollout import EXPERT, STUDENT, TEACHER, RolloutConfig, RolloutRunner, owners_from_beta
+from gopd_jax.records import EXPERT, STUDENT, TEACHER
+from gopd_jax.rollout import RolloutConfig, RolloutRunner
 from gopd_jax.runner import run_experiment
 from gopd_jax.tokenizer import load_tokenizer, train_bpe_tokenizer
 

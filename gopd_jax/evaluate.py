@@ -1,23 +1,24 @@
-"""Episode records and the paper's metrics: Score (0-100), Success Rate (%), Rounds (turns taken)."""
+"""The paper's metrics (Score 0-100, Success Rate %, Rounds) and policy evaluation through the rollout engine:
+a model checkpoint alone (beta = 0), or the environment's expert, on a split or a seeded stratified draw."""
 from __future__ import annotations
 
 import dataclasses
 from collections import defaultdict
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
 
 from gopd_jax.envs import EnvPool, TaskSpec, list_tasks
+from gopd_jax.records import EXPERT, STUDENT, TEACHER, Episode, EpisodeResult, Policy
+from gopd_jax.reporting import markdown_table
+from gopd_jax.rollout import RolloutConfig, RolloutRunner, env_kwargs
 
+if TYPE_CHECKING:
+    from gopd_jax.experiment import ExperimentConfig
 
-@dataclasses.dataclass
-class EpisodeResult:
-    task: TaskSpec
-    won: bool
-    score: float  # final 0-100 score
-    rounds: int  # turns taken
-    env_failed: bool = False
-    invalid_actions: int = 0  # replies without a parsable <action> tag
-    inadmissible_actions: int = 0  # parsable actions that were not among the admissible ones
-    turns: list = dataclasses.field(default_factory=list)  # optional per-turn records (owners, ...)
+EXPERT_TURN_LIMIT = 1000  # the expert plays its whole plan (ScienceWorld gold paths run past 30 turns)
 
 
 def _metrics(results: list[EpisodeResult]) -> dict[str, float]:
@@ -44,58 +45,82 @@ def summarize(results: list[EpisodeResult]) -> dict[str, Any]:
 
 
 def format_table(summary: dict[str, Any]) -> str:
+    """A summary as a markdown table: one row per task type, then all."""
     rows = [*summary["by_task_type"].items(), ("**all**", summary)]
-    lines = ["| task type | n | Score | Success Rate (%) | Rounds | valid actions (%) | env failures | "
-             "invalid actions |", "|---|---|---|---|---|---|---|---|"]
-    lines += [f"| {name} | {m['n']} | {m['score']:.2f} | {m['success_rate']:.2f} | {m['rounds']:.2f} | "
-              f"{m['valid_action_rate']:.1f} | {m['env_failures']} | {m['invalid_actions']} |" for name, m in rows]
-    return "\n".join(lines)
+    return markdown_table(
+        ["task type", "n", "Score", "Success Rate (%)", "Rounds", "valid actions (%)", "env failures",
+         "invalid actions"],
+        [[name, m["n"], f"{m['score']:.2f}", f"{m['success_rate']:.2f}", f"{m['rounds']:.2f}",
+          f"{m['valid_action_rate']:.1f}", m["env_failures"], m["invalid_actions"]] for name, m in rows])
 
 
-def replay_experts(pool: EnvPool, tasks: list[TaskSpec], max_steps: int | None = None) -> list[EpisodeResult]:
-    """Plays each task's expert action sequence, keeping every worker busy (a slot takes the next task as
-    soon as its episode ends). With `max_steps`, stops after that many env steps in total and drops the
-    episodes still running (for benchmarks)."""
-    todo = list(reversed(tasks))
-    running: dict[int, tuple[TaskSpec, list[str], int]] = {}  # slot -> (task, actions left, rounds)
-    results: list[EpisodeResult] = []
-    steps = 0
+def success_by_turn(results: list[EpisodeResult], max_turns: int) -> list[float]:
+    """Fraction of episodes won within t turns, t = 1..max_turns."""
+    return [float(np.mean([r.won and r.rounds <= t for r in results])) for t in range(1, max_turns + 1)]
 
-    def start_next(slot: int) -> None:
-        if todo and (max_steps is None or steps < max_steps):
-            running[slot] = (todo.pop(), [], 0)
-            pool.reset_async({slot: running[slot][0]})
 
-    def advance(slot: int, last) -> None:
-        nonlocal steps
-        task, actions, rounds = running[slot]
-        if last.done or not actions:
-            del running[slot]
-            results.append(EpisodeResult(task, last.won, last.score, rounds, last.info.get("env_failed", False)))
-            start_next(slot)
-        elif max_steps is not None and steps >= max_steps:
-            del running[slot]
-        else:
-            running[slot] = (task, actions[1:], rounds + 1)
-            steps += 1
-            pool.step_async({slot: actions[0]})
+def stratified_draw(tasks: list[TaskSpec], n: int, seed: int) -> list[TaskSpec]:
+    """A seeded draw of n tasks spread evenly over task types (round-robin over the types in a seeded
+    order, each type's tasks in a seeded order), never a prefix of the list. n <= 0 or n >= len: all tasks."""
+    if n <= 0 or n >= len(tasks):
+        return list(tasks)
+    rng = np.random.default_rng(seed)
+    by_type: dict[str, list[TaskSpec]] = defaultdict(list)
+    for t in tasks:
+        by_type[t.task_type].append(t)
+    queues = [[group[i] for i in rng.permutation(len(group))] for _, group in sorted(by_type.items())]
+    queues = [queues[i] for i in rng.permutation(len(queues))]
+    out: list[TaskSpec] = []
+    while len(out) < n:
+        for q in queues:
+            if q and len(out) < n:
+                out.append(q.pop())
+    return out
 
-    for slot in pool.slots:
-        start_next(slot)
-    while running:
-        for slot, result in pool.collect("any").items():
-            if isinstance(result, tuple):  # a reset finished
-                _, result = result
-                if not result.info.get("env_failed"):
-                    running[slot] = (running[slot][0], pool.expert_actions(slot), 0)
-            advance(slot, result)
-    return results
+
+def evaluate_policy(runner: RolloutRunner, tasks, policy, key, progress: bool = True) -> tuple[dict, list[Episode]]:
+    """Score a policy alone (beta = 0): Score / Success Rate / Rounds, per task type, success by turn."""
+    from gopd_jax.methods import owners_from_beta
+
+    episodes, stats = runner.run(tasks, {STUDENT: policy, TEACHER: policy}, owners_from_beta(0.0), key,
+                                 progress=progress, desc="eval")
+    results = [e.result for e in episodes]
+    summary = summarize(results)
+    summary["success_by_turn"] = success_by_turn(results, runner.config.turn_limit)
+    summary["rollout"] = stats
+    return summary, episodes
+
+
+def eval_tasks(cfg: ExperimentConfig) -> list[TaskSpec]:
+    """The config's evaluation tasks: the whole eval split, or a seeded stratified draw of eval_limit."""
+    return stratified_draw(list_tasks(cfg.env, cfg.eval_split, data_dir=cfg.data_dir or None), cfg.eval_limit,
+                           cfg.seed)
+
+
+def evaluate_checkpoint(cfg: ExperimentConfig, checkpoint: str) -> dict:
+    """Evaluate one Hugging Face checkpoint alone on cfg's eval tasks with cfg's rollout settings."""
+    from gopd_jax.models import load_hf_checkpoint
+    from gopd_jax.tokenizer import load_tokenizer
+
+    cfg = dataclasses.replace(cfg, student=checkpoint, teacher=checkpoint).validate()
+    params, config = load_hf_checkpoint(checkpoint, dtype=jnp.dtype(cfg.compute_dtype))
+    tokenizer = load_tokenizer(cfg.tokenizer or checkpoint)
+    with EnvPool(cfg.env, env_kwargs(cfg.env, expert=False), num_workers=cfg.num_workers) as pool:
+        summary, _ = evaluate_policy(RolloutRunner(pool, tokenizer, RolloutConfig.from_experiment(cfg, True)),
+                                     eval_tasks(cfg), Policy(params, config), jax.random.PRNGKey(cfg.seed),
+                                     cfg.progress)
+    return summary
 
 
 def evaluate_expert(env_name: str, split: str, limit: int | None = None, num_workers: int = 2,
-                    data_dir: str | None = None, env_kwargs: dict | None = None) -> dict[str, Any]:
-    """Replays the expert action sequence of each task of `split` (the first `limit`) through an EnvPool;
-    returns `summarize` of the episodes (rounds = expert actions taken)."""
-    tasks = list_tasks(env_name, split, data_dir=data_dir)[:limit]
-    with EnvPool(env_name, env_kwargs, num_workers=num_workers) as pool:
-        return summarize(replay_experts(pool, tasks))
+                    data_dir: str | None = None, seed: int = 0, progress: bool = False) -> dict[str, Any]:
+    """The environment's expert played through the rollout engine on `split` (all tasks, or a seeded
+    stratified draw of `limit`); returns `summarize` of the episodes (rounds = expert actions taken)."""
+    from gopd_jax.methods import owners_from_beta
+
+    tasks = stratified_draw(list_tasks(env_name, split, data_dir=data_dir), limit or 0, seed)
+    with EnvPool(env_name, env_kwargs(env_name, expert=True), num_workers=num_workers) as pool:
+        runner = RolloutRunner(pool, None, RolloutConfig(env=env_name, max_turns=EXPERT_TURN_LIMIT))
+        episodes, _ = runner.run(tasks, {STUDENT: EXPERT, TEACHER: EXPERT}, owners_from_beta(1.0),
+                                 jax.random.PRNGKey(seed), progress=progress, desc="expert")
+    return summarize([e.result for e in episodes])

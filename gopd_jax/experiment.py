@@ -9,7 +9,6 @@ import os
 import typing
 from pathlib import Path
 
-METHODS = ("guided_opd", "opd", "fixed_beta", "tcod", "sft")
 CURRICULA = ("cosine", "linear", "constant")
 
 
@@ -19,7 +18,7 @@ class ExperimentConfig:
 
     name: str = "guided_opd"
     out_dir: str = "runs/guided_opd"
-    method: str = "guided_opd"  # guided_opd | opd | fixed_beta | tcod | sft
+    method: str = "guided_opd"  # a registered method: guided_opd | opd | fixed_beta | tcod_f2b | tcod_b2f | sft
     env: str = "alfworld"
     train_split: str = "train"
     eval_split: str = "valid_unseen"
@@ -45,11 +44,20 @@ class ExperimentConfig:
     kl_variant: str = "default"  # default | swapped | both_reverse
     aggregation: str = "token_mean"
     clip_eps: float = 0.2
+    # PPO-style updates per rollout batch: the batch is split into `mini_batches` parts, each one optimizer
+    # step, repeated `ppo_epochs` times; p_S_old stays the sampling pass's, so the clip can act past the first.
+    ppo_epochs: int = 1
+    mini_batches: int = 1
     # Rollout.
     max_turns: int = 0  # 0: the paper's per-environment limit
     max_new_tokens: int = 512
     max_prompt_tokens: int = 10_240
     temperature: float = 1.0
+    top_p: float = 1.0  # training rollouts; 1.0 = off
+    top_k: int = 0  # training rollouts; 0 = off
+    # The sampled estimator assumes p_S_old is the model's own distribution: a temperature != 1 or top-p / top-k
+    # truncation biases it; set true to train that way anyway.
+    allow_biased_sampling: bool = False
     eval_temperature: float = 0.4
     k_history: int = 2
     think: bool = True
@@ -64,9 +72,6 @@ class ExperimentConfig:
 
     # ---- derived -------------------------------------------------------------------------------
 
-    def loss_kwargs(self) -> dict:
-        return dict(estimator=self.estimator, aggregation=self.aggregation, clip_eps=self.clip_eps)
-
     def to_json(self) -> str:
         return json.dumps(dataclasses.asdict(self), indent=2)
 
@@ -74,12 +79,13 @@ class ExperimentConfig:
         """Fail before any work starts, naming the field and the fix."""
         from gopd_jax.envs import ENV_NAMES, env_splits
         from gopd_jax.losses import KL_VARIANTS
+        from gopd_jax.methods import method_names
 
         def bad(field, msg):
             raise ValueError(f"config field {field!r}: {msg}")
 
-        if self.method not in METHODS:
-            bad("method", f"unknown method {self.method!r}; choose one of {', '.join(METHODS)}")
+        if self.method not in method_names():
+            bad("method", f"unknown method {self.method!r}; choose one of {', '.join(method_names())}")
         if self.curriculum not in CURRICULA:
             bad("curriculum", f"unknown curriculum {self.curriculum!r}; choose one of {', '.join(CURRICULA)}")
         if self.env not in ENV_NAMES:
@@ -102,9 +108,17 @@ class ExperimentConfig:
             bad("tokenizer", f"no tokenizer files in {tok!r}; pass --tokenizer DIR")
         if not 0 <= self.beta <= 1:
             bad("beta", f"must be in [0, 1], got {self.beta}")
-        for field in ("steps", "batch_tasks", "micro_batch_rows", "num_workers", "max_new_tokens"):
+        for field in ("steps", "batch_tasks", "micro_batch_rows", "num_workers", "max_new_tokens", "ppo_epochs",
+                      "mini_batches"):
             if getattr(self, field) < 1:
                 bad(field, "must be >= 1")
+        if self.estimator == "sampled" and not self.allow_biased_sampling:
+            for field, neutral in (("temperature", 1.0), ("top_p", 1.0), ("top_k", 0)):
+                if getattr(self, field) != neutral:
+                    bad(field, f"{getattr(self, field)!r} makes the sampled estimator biased: its p_S_old comes from "
+                               "the tempered / truncated sampling distribution while the ratio and the teacher's "
+                               f"log-probs use the untempered models; use {neutral!r}, --estimator exact, or "
+                               "--allow-biased-sampling true to train this way anyway")
         return self
 
 

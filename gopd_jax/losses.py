@@ -11,7 +11,7 @@ everything else is masking and aggregation around it.
 from __future__ import annotations
 
 import dataclasses
-from typing import Mapping
+from typing import Mapping, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -73,6 +73,23 @@ class LossConfig:
         _check_choice("variant", name, tuple(KL_VARIANTS))
         student_kl, teacher_kl = KL_VARIANTS[name]
         return cls(student_kl=student_kl, teacher_kl=teacher_kl, **kwargs)
+
+
+class Ratio(NamedTuple):
+    """A per-token metric kept as (numerator, denominator): micro-batches, devices and PPO updates add both
+    and divide once (``resolve_ratios``), so an empty or small micro-batch cannot dilute the logged value."""
+    num: jax.Array
+    den: jax.Array
+
+
+def resolve_ratios(metrics: Mapping) -> dict:
+    """Every Ratio metric divided out (NaN where its denominator is 0: nothing to measure)."""
+    def value(v):
+        if not isinstance(v, Ratio):
+            return v
+        num, den = jnp.asarray(v.num, jnp.float32), jnp.asarray(v.den, jnp.float32)
+        return jnp.where(den > 0, num / jnp.where(den > 0, den, 1.0), jnp.nan)
+    return {k: value(v) for k, v in metrics.items()}
 
 
 def _check_choice(name, value, choices):
@@ -211,7 +228,8 @@ def distill_loss(student_hidden, student_head, batch: Mapping[str, jax.Array], b
     student_hidden [B, T, D] (final-norm hidden states), student_head [D, V]; batch holds "targets",
     "student_mask", "teacher_mask" and, for the sampled estimator, "old_logprobs" and "teacher_logprobs".
     The exact estimator needs teacher_hidden [B, T, D'] and teacher_head [D', V] instead (no gradient).
-    beta may be traced; cfg is static. Returns (loss, metrics) with scalar metrics.
+    beta may be traced; cfg is static. Returns (loss, metrics): scalars, token counts (n_*) and per-token
+    metrics as ``Ratio`` sums over student tokens (``resolve_ratios`` divides them out).
     """
     _check_head("student", student_hidden, student_head)
     B, T = student_hidden.shape[:2]
@@ -246,20 +264,26 @@ def distill_loss(student_hidden, student_head, batch: Mapping[str, jax.Array], b
     beta = jnp.asarray(beta, jnp.float32)
     loss = (1.0 - beta) * cfg.student_weight * loss_student + beta * cfg.teacher_weight * loss_teacher
 
-    n_student = jnp.sum(s_mask)
+    # Metrics count tokens (0/1), whatever weights the masks carry; per-token ones stay Ratio sums.
+    s_tok_ind = (s_mask > 0).astype(jnp.float32)
+    n_student = jnp.sum(s_tok_ind)
     metrics = {
         "loss": loss,
         "loss_student": loss_student,
         "loss_teacher": loss_teacher,
         "n_student_tokens": n_student,
-        "n_teacher_tokens": jnp.sum(t_mask),
-        "clip_frac": jnp.sum(s_clip * s_mask) / jnp.maximum(n_student, 1e-12),
-        "student_entropy": jnp.sum(stats["entropy"] * s_mask) / jnp.maximum(n_student, 1e-12),
+        "n_teacher_tokens": jnp.sum((t_mask > 0).astype(jnp.float32)),
+        "clip_frac": Ratio(jnp.sum(s_clip * s_tok_ind), n_student),
+        "student_entropy": Ratio(jnp.sum(stats["entropy"] * s_tok_ind), n_student),
     }
     if "old_logprobs" in batch and "teacher_logprobs" in batch:
-        # Mask-weighted like the other metrics, so it stays a per-token mean when masks carry weights.
-        sampled_kl = jnp.where(s_mask > 0, batch["old_logprobs"] - batch["teacher_logprobs"], 0.0)
-        metrics["sampled_kl"] = jnp.sum(sampled_kl * s_mask) / jnp.maximum(n_student, 1e-12)
+        sampled_kl = jnp.where(s_tok_ind > 0, batch["old_logprobs"] - batch["teacher_logprobs"], 0.0)
+        metrics["sampled_kl"] = Ratio(jnp.sum(sampled_kl), n_student)
+    if "old_logprobs" in batch:
+        # The PPO ratio p_S / p_S_old on student tokens: 1 on the first update of a rollout batch.
+        ratio = jnp.where(s_tok_ind > 0, jnp.exp(stats["logp"] - jnp.where(s_tok_ind > 0, batch["old_logprobs"], 0.0)),
+                          0.0)
+        metrics["ppo_ratio"] = Ratio(lax.stop_gradient(jnp.sum(ratio)), n_student)
     return loss, metrics
 
 

@@ -10,6 +10,13 @@ TRAIN_LOG, EVAL_LOG = "metrics.jsonl", "eval.jsonl"
 NAN = float("nan")  # steps skipped without an update log no loss
 
 
+def markdown_table(header: list[str], rows: list[list]) -> str:
+    """The one markdown table formatter: a header row, a separator, one line per row (cells as str)."""
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
 def read_jsonl(path: Path) -> list[dict]:
     if not path.is_file():
         return []

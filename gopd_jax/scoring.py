@@ -47,6 +47,36 @@ def check_compatible(student_config: Qwen3Config, teacher_config: Qwen3Config, s
                              "a tokenizer")
 
 
+def batch_logprobs(params, config: Qwen3Config, batch: dict, rows: int) -> np.ndarray:
+    """log p(targets) under (params, config) for every row of a host batch, `rows` rows per jitted call."""
+    return np.concatenate([np.asarray(teacher_logprobs(params, config, jnp.asarray(batch["tokens"][i:i + rows]),
+                                                       jnp.asarray(batch["targets"][i:i + rows])))
+                           for i in range(0, batch["tokens"].shape[0], rows)])
+
+
+def score_batch(batch: dict, teacher, student, rows: int, loss_config: losses.LossConfig) -> dict:
+    """What the loss needs from the models, added to a training batch (returns a new dict).
+
+    teacher / student: objects with .params and .config (records.Policy). Fills "teacher_logprobs" on the
+    tokens that carry a sampled KL; for a reverse KL on teacher-owned tokens also the student's pre-update
+    log-probs there ("old_logprobs", the PPO ratio's denominator, fixed for every update of the step); for
+    the exact estimator "teacher_hidden" [B, T, D_teacher] float32."""
+    out = dict(batch)
+    owned = batch["student_mask"] > 0
+    if loss_config.teacher_kl == "reverse" and loss_config.estimator == "sampled":
+        teacher_tokens = batch["teacher_mask"] > 0
+        owned = owned | teacher_tokens
+        out["old_logprobs"] = np.where(teacher_tokens, batch_logprobs(student.params, student.config, batch, rows),
+                                       batch["old_logprobs"])
+    out["teacher_logprobs"] = (np.where(owned, batch_logprobs(teacher.params, teacher.config, batch, rows), 0.0)
+                               .astype(np.float32) if owned.any() else np.zeros(owned.shape, np.float32))
+    if loss_config.estimator == "exact":
+        out["teacher_hidden"] = np.concatenate([
+            np.asarray(teacher_hidden(teacher.params, teacher.config, jnp.asarray(batch["tokens"][i:i + rows])),
+                       np.float32) for i in range(0, batch["tokens"].shape[0], rows)])
+    return out
+
+
 # ---- sharded teacher -------------------------------------------------------------------------------------------
 
 def make_mesh(n_devices: Optional[int] = None, axis: str = "model") -> Mesh:

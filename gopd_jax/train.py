@@ -5,9 +5,11 @@ jitted on one device (`jit_update_step`) or pmapped over local devices (`pmap_up
 only in whether gradients and metrics are averaged over a named device axis.
 
 Loss aggregation under sharding and accumulation: each micro-batch's loss is whatever `loss_fn` returns
-(token-mean over that micro-batch) and the step averages those means with equal weight over micro-batches
-and devices. That equals the token-mean over the global batch exactly when every micro-batch holds the
-same number of loss tokens, and is a close approximation otherwise (the usual data-parallel convention).
+and the step averages them with equal weight over micro-batches and devices; with host-normalised mask
+weights (LossConfig aggregation "weighted_sum", batch.normalise_masks) that average is the exact token mean
+of the global batch. Logged metrics: token counts (n_*) and `losses.Ratio` metrics are summed over
+micro-batches and devices (a Ratio's numerator and denominator separately, divided once by
+`merge_metrics`); other scalars are averaged.
 """
 
 from __future__ import annotations
@@ -60,6 +62,27 @@ def _is_count(name: str) -> bool:
     return name.startswith("n_")
 
 
+def _reduce_metrics(metrics: dict, add, average) -> dict:
+    """Counts and Ratio parts are added, other scalars averaged."""
+    def one(name, v):
+        if isinstance(v, losses.Ratio):
+            return losses.Ratio(add(v.num), add(v.den))
+        return add(v) if _is_count(name) else average(v)
+    return {k: one(k, v) for k, v in metrics.items()}
+
+
+def merge_metrics(updates: Sequence[dict]) -> dict[str, float]:
+    """Host floats from the metrics of one or more update steps (e.g. PPO mini-batch updates of one rollout
+    batch): counts and Ratio parts summed over the updates and Ratios divided once; other scalars averaged.
+    Pass the per-update metrics as returned by a jitted step, or `unreplicate`d from a pmapped one."""
+    if not updates:
+        raise ValueError("merge_metrics needs the metrics of at least one update")
+    host = [jax.device_get(m) for m in updates]
+    merged = _reduce_metrics(jax.tree.map(lambda *xs: np.stack([np.asarray(x, np.float64) for x in xs]), *host),
+                             lambda x: x.sum(0), lambda x: x.mean(0))
+    return {k: float(v) for k, v in losses.resolve_ratios(merged).items()}
+
+
 def _split_micro(batch, accum_steps: int):
     def split(x):
         if x.shape[0] % accum_steps:
@@ -92,10 +115,10 @@ def make_update_step(loss_fn: LossFn, optimizer: optax.GradientTransformation, *
         zeros = jax.tree.map(jnp.zeros_like, state.params)
         grad_sum, metrics = lax.scan(micro, zeros, _split_micro(batch, accum_steps))
         grads = jax.tree.map(lambda g: g / accum_steps, grad_sum)
-        metrics = {k: jnp.sum(v, 0) if _is_count(k) else jnp.mean(v, 0) for k, v in metrics.items()}
+        metrics = _reduce_metrics(metrics, lambda x: jnp.sum(x, 0), lambda x: jnp.mean(x, 0))
         if axis_name is not None:
             grads = lax.pmean(grads, axis_name)
-            metrics = {k: (lax.psum if _is_count(k) else lax.pmean)(v, axis_name) for k, v in metrics.items()}
+            metrics = _reduce_metrics(metrics, lambda x: lax.psum(x, axis_name), lambda x: lax.pmean(x, axis_name))
 
         grad_norm = optax.tree.norm(grads)
         finite = jnp.isfinite(metrics["loss"]) & jnp.isfinite(grad_norm)

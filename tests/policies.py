@@ -4,7 +4,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from gopd_jax.models import Qwen3Config, init_params
-from gopd_jax.rollout import Policy
+from gopd_jax.records import Policy
 
 
 def scripted_policy(tokenizer, reply: str, start_token: int) -> Policy:

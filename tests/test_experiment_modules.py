@@ -23,5 +23,5 @@ def test_flags_override_config():
     from experiments.grid import parse_base
 
     cfg, _ = parse_base("x", ExperimentConfig(), ["--steps", "7", "--think", "false", "--learning-rate", "3e-4",
-                                                  "--method", "tcod"])
-    assert (cfg.steps, cfg.think, cfg.learning_rate, cfg.method) == (7, False, 3e-4, "tcod")
+                                                  "--method", "tcod_b2f"])
+    assert (cfg.steps, cfg.think, cfg.learning_rate, cfg.method) == (7, False, 3e-4, "tcod_b2f")

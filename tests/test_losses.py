@@ -144,6 +144,7 @@ def test_distill_loss_matches_numpy(estimator, variant, aggregation):
     beta = 0.35
     fn = jax.jit(L.distill_loss, static_argnames="cfg")
     loss, m = fn(h, w, batch, beta, cfg=cfg, teacher_hidden=th, teacher_head=tw)
+    m = L.resolve_ratios(m)
     skl, tkl = L.KL_VARIANTS[variant]
     ref, ls, lt, st = np_distill(data, beta, estimator, skl, tkl, aggregation, 1.3, 0.7)
     close(loss, ref)
@@ -371,5 +372,6 @@ def test_metrics_are_per_token_means_when_masks_carry_weights():
     _, plain = L.distill_loss(hidden, head, batch, 0.0, L.LossConfig())
     _, weighted = L.distill_loss(hidden, head, dict(batch, student_mask=mask * 0.01), 0.0,
                                  L.LossConfig(aggregation="weighted_sum"))
-    for k in ("clip_frac", "student_entropy", "sampled_kl"):
+    plain, weighted = L.resolve_ratios(plain), L.resolve_ratios(weighted)
+    for k in ("clip_frac", "student_entropy", "sampled_kl", "ppo_ratio"):
         np.testing.assert_allclose(weighted[k], plain[k], rtol=1e-5, err_msg=k)

@@ -6,8 +6,10 @@ import pytest
 
 from gopd_jax.envs import EnvPool, list_tasks
 from gopd_jax.models import Qwen3Config, init_params
-from gopd_jax.rollout import (STUDENT, TEACHER, Policy, RolloutConfig, RolloutRunner, owners_from_beta,
-                              owners_student_first, training_batch)
+from gopd_jax.batch import training_batch
+from gopd_jax.methods import owners_from_beta, student_first
+from gopd_jax.records import STUDENT, TEACHER, Policy
+from gopd_jax.rollout import RolloutConfig, RolloutRunner
 from gopd_jax.tokenizer import render_chat, train_bpe_tokenizer
 from tests.policies import scripted_policy
 
@@ -63,7 +65,7 @@ def test_scripted_policy_plays_real_alfworld(tokenizer, pool, tasks):
 
     turns = [t for e in episodes for t in e.turns]
     batch = training_batch(turns, row_multiple=4)
-    assert batch["tokens"].shape[0] == 12 and batch["student_mask"][9:].sum() == 0
+    assert batch["tokens"].shape[0] == 16 and batch["student_mask"][9:].sum() == 0
     for i, t in enumerate(turns):  # token in, token out: the masked targets are the sampled ids
         m = batch["student_mask"][i] > 0
         np.testing.assert_array_equal(batch["targets"][i][m], t.response_ids)
@@ -87,7 +89,8 @@ def test_mixed_rollout_owner_counts_follow_beta(tokenizer, pool, tasks, beta):
         assert 0 < owners.sum() < len(owners)
     for e in episodes:  # each turn's owner is the pre-drawn one for that episode and turn index
         idx = tasks.index(e.task)
-        drawn = owners_from_beta(beta)(jax.random.fold_in(jax.random.fold_in(key, idx), 1_000_003), cfg.turn_limit)
+        drawn = owners_from_beta(beta)(jax.random.fold_in(jax.random.fold_in(key, idx), 1_000_003), cfg.turn_limit,
+                                       idx)
         assert [t.owner == TEACHER for t in e.turns] == list(drawn[:len(e.turns)])
         # random models rarely close an <action> tag: those turns are invalid actions, not crashes
         assert e.result.invalid_actions == sum(t.action is None for t in e.turns)
@@ -99,12 +102,12 @@ def test_tcod_owners_and_killed_worker_is_reported(tokenizer, tasks):
     with EnvPool("alfworld", num_workers=2) as pool:
         killed = []
 
-        def owners_then_kill(key, n):  # runs as each episode starts: kill both workers once
+        def owners_then_kill(key, n, index):  # runs as each episode starts: kill both workers once
             if not killed:
                 for w in pool._workers:
                     w.process.kill()
                 killed.append(True)
-            return owners_student_first(2)(key, n)
+            return np.arange(n) >= 2
 
         episodes, _ = RolloutRunner(pool, tokenizer, cfg).run(tasks[:3], {STUDENT: policy, TEACHER: policy},
                                                               owners_then_kill, jax.random.key(0), progress=False)

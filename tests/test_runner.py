@@ -81,6 +81,9 @@ def test_runner_trains_evaluates_reports_and_resumes(models, tmp_path):
     ("env", "webshop2", "config field 'env'.*unknown environment"),
     ("eval_split", "valid_nowhere", "config field 'eval_split'"),
     ("method", "ppo", "config field 'method'"),
+    ("temperature", 0.7, "config field 'temperature'.*biased.*--allow-biased-sampling"),
+    ("top_p", 0.9, "config field 'top_p'.*biased"),
+    ("mini_batches", 0, "config field 'mini_batches'"),
 ])
 def test_bad_config_fails_before_work(models, tmp_path, field, value, message):
     cfg = dataclasses.replace(_config(models, tmp_path / "x"), **{field: value})
@@ -110,3 +113,23 @@ def test_teacher_with_a_different_tokenizer_is_refused(models, tmp_path):
     teacher = random_checkpoint(_dense(size, 32, 1), other_tok, tmp_path / "t2", seed=3)
     with pytest.raises(ValueError, match="tokenizer vocabularies differ"):
         run_experiment(dataclasses.replace(_config(models, tmp_path / "z"), teacher=teacher))
+
+
+def test_a_registered_toy_method_runs_in_the_runner_with_ppo_updates(models, tmp_path):
+    """A method defined here, in one place, drives the unchanged runner; 2 PPO epochs x 2 mini-batches."""
+    from gopd_jax import methods as M
+
+    @M.register_method("test_teacher_on_odd_turns")
+    def teacher_on_odd_turns(cfg):
+        return M.Method(name="test_teacher_on_odd_turns", beta=lambda step: 0.25,
+                        owners=lambda step: (lambda key, n, index: np.arange(n) % 2 == 1),
+                        loss=M.default_loss(cfg), log=lambda step: {"toy_marker": step + 100})
+
+    cfg = dataclasses.replace(_config(models, tmp_path / "toy"), method="test_teacher_on_odd_turns", steps=1,
+                              eval_limit=1, eval_every=0, ppo_epochs=2, mini_batches=2)
+    run_experiment(cfg)
+    (record,) = [json.loads(line) for line in (tmp_path / "toy" / "metrics.jsonl").read_text().splitlines()]
+    assert record["toy_marker"] == 100 and record["beta"] == 0.25 and record["updates"] == 4
+    assert record["teacher_turn_frac"] == pytest.approx(0.5)  # 2 tasks x 2 turns: turn 1 of each is the teacher's
+    assert record["n_student_tokens"] > 0 and record["n_teacher_tokens"] > 0
+    assert abs(record["ppo_ratio"] - 1.0) > 1e-6  # later updates see moved params against the fixed p_S_old

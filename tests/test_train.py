@@ -139,3 +139,104 @@ def test_compute_dtype_keeps_float32_master_params():
     state, m = step(state, make_batch(0))
     assert np.isfinite(float(m["loss"]))
     assert all(x.dtype == jnp.float32 for x in jax.tree.leaves(state.params))
+
+
+# ---- distillation metrics and PPO mini-batch updates ---------------------------------------------------------
+
+def distill_batch(seed, rows=8, t=16):
+    """Rows of student / teacher tokens with unequal counts; rows 0-1 have no student tokens at all, so on
+    4 devices x 2 micro-batches one micro-batch has none (and others differ)."""
+    rng = np.random.default_rng(seed)
+    tokens = rng.integers(1, CFG.vocab_size, (rows, t)).astype(np.int32)
+    targets = np.concatenate([tokens[:, 1:], np.zeros((rows, 1), np.int32)], axis=1)
+    student, teacher = np.zeros((rows, t), np.float32), np.zeros((rows, t), np.float32)
+    for i in range(rows):
+        start, end = 3, 3 + int(rng.integers(2, t - 4))
+        (teacher if i < 2 else student)[i, start:end] = 1.0
+    return {"tokens": tokens, "targets": targets, "student_mask": student, "teacher_mask": teacher,
+            "old_logprobs": (rng.normal(size=(rows, t)) - 4).astype(np.float32) * student,
+            "teacher_logprobs": (rng.normal(size=(rows, t)) - 4).astype(np.float32) * (student + teacher)}
+
+
+def host_student_metrics(params, batch):
+    """float64 host reference: per-token means over every student token of the batch."""
+    from gopd_jax.models import forward
+
+    logits = np.asarray(forward(params, CFG, jnp.asarray(batch["tokens"])), np.float64)
+    logq = logits - np.log(np.exp(logits - logits.max(-1, keepdims=True)).sum(-1, keepdims=True)) \
+        - logits.max(-1, keepdims=True)
+    logp = np.take_along_axis(logq, batch["targets"][..., None], -1)[..., 0]
+    m = batch["student_mask"] > 0
+    ratio = np.exp(logp - batch["old_logprobs"])
+    adv = batch["teacher_logprobs"] - batch["old_logprobs"]
+    clipped = np.where(adv > 0, ratio > 1.2, ratio < 0.8)
+    return {"student_entropy": float((-(np.exp(logq) * logq).sum(-1))[m].mean()),
+            "sampled_kl": float((batch["old_logprobs"] - batch["teacher_logprobs"])[m].mean()),
+            "ppo_ratio": float(ratio[m].mean()), "clip_frac": float(clipped[m].mean()), "n": int(m.sum()),
+            "logp": logp}
+
+
+def _distill_step(opt, devices=None, accum=1, eps=0.2):
+    from gopd_jax import losses
+
+    loss = functools.partial(train.distill_loss_fn, config=CFG,
+                             loss_config=losses.LossConfig(aggregation="weighted_sum", clip_eps=eps, chunk=8))
+    if devices is None:
+        return train.jit_update_step(loss, opt, accum_steps=accum)
+    return train.pmap_update_step(loss, opt, accum_steps=accum, devices=devices)
+
+
+@pytest.mark.multidevice
+@pytest.mark.timeout(300)
+def test_logged_metrics_are_ratios_of_global_sums_with_empty_and_unequal_micro_batches():
+    from gopd_jax.batch import normalise_masks
+
+    opt, state = new_state()
+    devices = jax.local_devices()[:N_DEV]
+    batch = distill_batch(0)
+    ref = host_student_metrics(state.params, batch)
+    step = _distill_step(opt, devices, accum=2)
+    weighted = normalise_masks(batch, N_DEV * 2, "token_mean")
+    _, m = jax.block_until_ready(step(train.replicate(state, devices), train.shard_batch(weighted, N_DEV),
+                                      beta=jnp.float32(0.5)))
+    merged = train.merge_metrics([train.unreplicate(m)])
+    assert merged["n_student_tokens"] == ref["n"]
+    for k in ("student_entropy", "sampled_kl", "ppo_ratio", "clip_frac"):
+        np.testing.assert_allclose(merged[k], ref[k], rtol=1e-4, err_msg=k)
+    assert 0 < ref["clip_frac"] < 1
+    # a batch split in two uneven updates logs the same as one update over it (sums add, divide once)
+    first, second = ({k: v[rows] for k, v in batch.items()} for rows in (slice(0, 3), slice(3, 8)))
+    single = _distill_step(opt)
+    parts = [single(jax.tree.map(jnp.copy, state), normalise_masks(p, 1, "token_mean"), beta=jnp.float32(0.5))[1]
+             for p in (first, second)]  # the same params for both parts: the step donates its state
+    merged2 = train.merge_metrics(parts)
+    for k in ("student_entropy", "sampled_kl", "ppo_ratio", "clip_frac", "n_student_tokens"):
+        np.testing.assert_allclose(merged2[k], merged[k], rtol=1e-4, err_msg=k)
+
+
+@pytest.mark.timeout(300)
+def test_ppo_mini_batch_updates_move_the_ratio_and_count_clipped_tokens():
+    from gopd_jax.batch import mini_batches, normalise_masks
+
+    opt, state = new_state(lr=3e-2)
+    batch = distill_batch(1)
+    # p_S_old = the model's own log-probs, as from the sampling pass
+    batch["old_logprobs"] = (host_student_metrics(state.params, batch)["logp"] * batch["student_mask"]).astype(
+        np.float32)
+    step = _distill_step(opt, eps=0.05)
+    rng = np.random.default_rng(0)
+    epochs = []
+    for _ in range(2):
+        metrics = []
+        for part in mini_batches(batch, 8, 2, 1, rng):
+            assert part["tokens"].shape[0] == 4
+            state, m = step(state, normalise_masks(part, 1, "token_mean"), beta=jnp.float32(0.0))
+            metrics.append(m)
+        epochs.append(train.merge_metrics(metrics))
+        if len(epochs) == 1:  # the very first update sees p_S == p_S_old: ratio 1, nothing clipped
+            first = train.merge_metrics(metrics[:1])
+            assert first["ppo_ratio"] == pytest.approx(1.0, abs=1e-5) and first["clip_frac"] == 0.0
+    # after updates the ratio leaves 1 and the clip acts
+    assert abs(epochs[1]["ppo_ratio"] - 1.0) > 1e-3
+    assert epochs[1]["clip_frac"] > 0.0
+    assert epochs[0]["n_student_tokens"] == epochs[1]["n_student_tokens"] == (batch["student_mask"] > 0).sum()
