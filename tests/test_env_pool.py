@@ -122,9 +122,10 @@ def test_env_that_cannot_start_is_a_clear_error():
 def test_evaluate_expert_summary():
     from gopd_jax.evaluate import evaluate_expert, format_table
 
+    # the expert through the rollout engine, on a seeded draw stratified over task types (not a list prefix)
     summary = evaluate_expert("alfworld", "valid_unseen", limit=3, num_workers=2)
     assert summary["n"] == 3 and summary["success_rate"] == 100.0 and summary["score"] == 100.0
     assert summary["env_failures"] == 0 and summary["rounds"] > 1
-    assert summary["by_task_type"]["look_at_obj_in_light"]["n"] == 3
+    assert len(summary["by_task_type"]) == 3 and all(m["n"] == 1 for m in summary["by_task_type"].values())
     table = format_table(summary)
-    assert "| **all** | 3 | 100.00 | 100.00 |" in table and "look_at_obj_in_light" in table
+    assert "| **all** | 3 | 100.00 | 100.00 |" in table
