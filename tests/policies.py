@@ -7,6 +7,16 @@ from gopd_jax.models import Qwen3Config, init_params
 from gopd_jax.records import Policy
 
 
+def alfworld_tokenizer(out_dir):
+    """A tiny byte-level BPE trained on one rendered ALFWorld prompt (enough to tokenize any prompt)."""
+    from gopd_jax.envs.prompting import build_messages
+    from gopd_jax.tokenizer import train_bpe_tokenizer
+
+    text = [m["content"] for m in build_messages("put a mug in the sink.", [], "You see a mug 1 and a sink 1.",
+                                                 ["look", "go to sink 1", "take mug 1 from table 1"], "alfworld")]
+    return train_bpe_tokenizer(text * 10, 400, out_dir)
+
+
 def scripted_policy(tokenizer, reply: str, start_token: int) -> Policy:
     """A one-layer Qwen3 whose attention and MLP outputs are zeroed and whose embeddings are one-hot, so
     the next token depends on the current token only; the head maps `start_token` -> reply tokens -> stop.

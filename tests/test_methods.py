@@ -1,7 +1,6 @@
 """Methods as values: the registry, TCOD's owners / trained turns / depth per step (both orderings, on real
 ALFWorld games with the environment's expert as the teacher), and a user-registered method."""
 
-import dataclasses
 
 import jax
 import numpy as np
@@ -14,8 +13,8 @@ from gopd_jax.experiment import ExperimentConfig
 from gopd_jax.losses import LossConfig
 from gopd_jax.records import EXPERT, STUDENT, TEACHER
 from gopd_jax.rollout import RolloutConfig, RolloutRunner
-from gopd_jax.tokenizer import render_chat, train_bpe_tokenizer
-from tests.policies import scripted_policy
+from gopd_jax.tokenizer import render_chat
+from tests.policies import alfworld_tokenizer, scripted_policy
 
 
 def _cfg(**kw):
@@ -72,11 +71,7 @@ pytest.importorskip("alfworld")
 
 @pytest.fixture(scope="module")
 def tokenizer(tmp_path_factory):
-    from gopd_jax.envs.prompting import build_messages
-
-    text = [m["content"] for m in build_messages("put a mug in the sink.", [], "You see a mug 1 and a sink 1.",
-                                                 ["look", "go to sink 1", "take mug 1 from table 1"], "alfworld")]
-    return train_bpe_tokenizer(text * 10, 400, tmp_path_factory.mktemp("tok"))
+    return alfworld_tokenizer(tmp_path_factory.mktemp("tok"))
 
 
 @pytest.fixture(scope="module")

@@ -7,22 +7,18 @@ import pytest
 from gopd_jax.envs import EnvPool, list_tasks
 from gopd_jax.models import Qwen3Config, init_params
 from gopd_jax.batch import training_batch
-from gopd_jax.methods import owners_from_beta, student_first
+from gopd_jax.methods import owners_from_beta
 from gopd_jax.records import STUDENT, TEACHER, Policy
 from gopd_jax.rollout import RolloutConfig, RolloutRunner
-from gopd_jax.tokenizer import render_chat, train_bpe_tokenizer
-from tests.policies import scripted_policy
+from gopd_jax.tokenizer import render_chat
+from tests.policies import alfworld_tokenizer, scripted_policy
 
 pytest.importorskip("alfworld")
 
 
 @pytest.fixture(scope="module")
 def tokenizer(tmp_path_factory):
-    from gopd_jax.envs.prompting import build_messages
-
-    text = [m["content"] for m in build_messages("put a mug in the sink.", [], "You see a mug 1 and a sink 1.",
-                                                 ["look", "go to sink 1", "take mug 1 from table 1"], "alfworld")]
-    return train_bpe_tokenizer(text * 10, 400, tmp_path_factory.mktemp("tok"))
+    return alfworld_tokenizer(tmp_path_factory.mktemp("tok"))
 
 
 @pytest.fixture(scope="module")
