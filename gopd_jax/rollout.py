@@ -26,7 +26,7 @@ from gopd_jax.envs import EnvPool, StepResult, TaskSpec
 from gopd_jax.envs.prompting import MAX_TURNS, fit_prompt, invalid_step_result, parse_action
 from gopd_jax.generate import SamplingConfig, generate
 from gopd_jax.records import STUDENT, TEACHER, Episode, EpisodeResult, ExpertPolicy, Policy, Turn
-from gopd_jax.tokenizer import render_chat, stop_token_ids
+from gopd_jax.tokenizer import end_of_turn_id, render_chat, stop_token_ids
 
 if TYPE_CHECKING:
     from gopd_jax.methods import OwnerFn
@@ -115,7 +115,7 @@ class RolloutRunner:
     def expert_reply(self, action: str) -> np.ndarray:
         """Token ids of the reply an ideal agent gives for `action` (the stop token included)."""
         text = f"<think>\n\n</think>\n\n<action>{action}</action>" if self.config.think else f"<action>{action}</action>"
-        return np.asarray(self.tokenizer.encode(text, add_special_tokens=False) + [self.sampling.stop_token_ids[0]],
+        return np.asarray(self.tokenizer.encode(text, add_special_tokens=False) + [end_of_turn_id(self.tokenizer)],
                           np.int32)
 
     def _expert_turns(self, episodes: list[_Live]):
