@@ -32,15 +32,24 @@ class LossConfig:
     """Static loss options (hashable, so it can be a jit static argument).
 
     estimator: "sampled" uses only the log-probs of the sampled tokens (paper default);
-        "exact" sums over the full vocabulary and needs the teacher's hidden states and head.
+        "exact" sums over the full vocabulary and needs the teacher's hidden states and head. The exact
+        estimator is the true KL in either direction on either owner's tokens (it does not depend on which
+        token was sampled); use it for the KL-direction ablation.
     student_kl / teacher_kl: "reverse" = KL(student || teacher), "forward" = KL(teacher || student),
         applied to student-owned / teacher-owned tokens. ``LossConfig.variant(name)`` builds the ablations.
-    Sampled estimators, per token y_t with A_t = stop_grad(log p_T(y_t) - log p_S_old(y_t)):
-        reverse: PPO clipped policy-gradient surrogate on the ratio p_S / p_S_old (on teacher-owned tokens
-            the same surrogate is used with no p_S / p_T importance correction, i.e. it is off-policy-biased).
-        forward on teacher tokens: cross-entropy -log p_S(y_t) (y_t ~ teacher: an unbiased KL gradient).
-        forward on student tokens: importance-weighted cross-entropy -min(exp(A_t), max_is_weight) * log p_S
-            (y_t ~ student, so exp(A_t) = p_T / p_S_old reweights to the teacher; capped for variance).
+    Sampled estimators, per token y_t with A_t = stop_grad(log p_T(y_t) - log p_S_old(y_t)). The paper's two
+    are unbiased KL gradients; the two that only the ablation uses are our own approximations:
+        reverse on student tokens (paper): PPO clipped surrogate on the ratio p_S / p_S_old with advantage
+            A_t; y_t ~ student, so at ratio 1 its expected gradient is the gradient of KL(p_S || p_T).
+        forward on teacher tokens (paper): cross-entropy -log p_S(y_t); y_t ~ teacher, so its expected
+            gradient is the gradient of KL(p_T || p_S).
+        reverse on teacher tokens (approximation): the same PPO surrogate on teacher-sampled tokens, with
+            NO p_S / p_T importance weight. Its gradient is not the gradient of KL(p_S || p_T) (it would be
+            with that weight); it pushes p_S up where p_T > p_S_old along the teacher's tokens.
+        forward on student tokens (approximation): importance-weighted cross-entropy
+            -min(exp(A_t), max_is_weight) * log p_S(y_t): exp(A_t) = p_T / p_S_old reweights student samples
+            to the teacher, capped at max_is_weight (default 5) to bound the variance, so it is biased (it
+            under-weights) wherever p_T / p_S_old exceeds the cap.
     aggregation: "token_mean" (per owner: masked sum / masked count) or "sequence_mean" (per owner: mean
         over each row's tokens, then mean over the rows that have any).
         "weighted_sum": sum of per-token loss x mask, where the caller has already divided the masks by

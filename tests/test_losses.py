@@ -1,11 +1,13 @@
 """gopd_jax.losses against independent float64 numpy references (jax runs in float32; tolerances ~1e-5)."""
 import itertools
+import json
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from experiments import ablation_kl
 from gopd_jax import losses as L
 
 B, T, D, DT, V = 3, 9, 6, 4, 13
@@ -166,20 +168,99 @@ def test_distill_loss_matches_numpy(estimator, variant, aggregation):
         assert float(m["clip_frac"]) == 0.0
 
 
-def test_exact_default_gradient_matches_analytic():
-    """d/dz KL(q||p) = q (log q - log p - KL); d/dz KL(p||q) = q - p; chained through hidden @ head."""
+def np_owner_weights(mask, aggregation):
+    """Per-token weights w with sum(w * x) = the owner's aggregated mean of x."""
+    if aggregation == "token_mean":
+        return mask / max(mask.sum(), 1.0)
+    rows = mask.sum(1, keepdims=True)
+    return mask / np.maximum(rows, 1.0) / max((rows > 0).sum(), 1)
+
+
+def np_kl_logit_grad(direction, st):
+    """d/dz KL(q||p) = q (log q - log p - KL(q||p)); d/dz KL(p||q) = q - p (q = softmax z, p fixed)."""
+    if direction == "reverse":
+        return st["q"] * (st["logq"] - st["logt"] - st["reverse_kl"][..., None])
+    return st["q"] - st["p"]
+
+
+@pytest.mark.parametrize("student_kl,teacher_kl,aggregation", list(itertools.product(
+    ["reverse", "forward"], ["reverse", "forward"], ["token_mean", "sequence_mean"])))
+def test_exact_estimator_every_direction_on_every_owner(student_kl, teacher_kl, aggregation):
+    """Full-vocabulary KL per owner, values and gradients (through hidden @ head) against float64 analytic ones:
+    including reverse KL on teacher-owned tokens and forward KL on student-owned tokens."""
     data = make_data(3)
     h, w, batch, th, tw = jax_args(data)
-    beta = 0.4
-    cfg = L.LossConfig(estimator="exact", chunk=2)
-    grads = jax.grad(lambda h_, w_: L.distill_loss(h_, w_, batch, beta, cfg, th, tw)[0], argnums=(0, 1))(h, w)
+    beta, ws, wt = 0.4, 1.3, 0.7
+    cfg = L.LossConfig(estimator="exact", student_kl=student_kl, teacher_kl=teacher_kl, aggregation=aggregation,
+                       student_weight=ws, teacher_weight=wt, chunk=2)
+    f = lambda h_, w_: L.distill_loss(h_, w_, batch, beta, cfg, th, tw)
+    (loss, m), grads = jax.value_and_grad(f, argnums=(0, 1), has_aux=True)(h, w)
     st = np_token_stats(data["h"], data["w"], data["targets"], data["th"], data["tw"])
-    sm, tm = data["student_mask"], data["teacher_mask"]
-    d_rev = st["q"] * (st["logq"] - st["logt"] - st["reverse_kl"][..., None])
-    d_fwd = st["q"] - st["p"]
-    dz = ((1 - beta) * sm / sm.sum())[..., None] * d_rev + (beta * tm / tm.sum())[..., None] * d_fwd
+    ps, pt = (np_owner_weights(data[k], aggregation) for k in ("student_mask", "teacher_mask"))
+    ls, lt = (st[student_kl + "_kl"] * ps).sum(), (st[teacher_kl + "_kl"] * pt).sum()
+    close(m["loss_student"], ls)
+    close(m["loss_teacher"], lt)
+    close(loss, (1 - beta) * ws * ls + beta * wt * lt)
+    dz = ((1 - beta) * ws * ps)[..., None] * np_kl_logit_grad(student_kl, st) \
+        + (beta * wt * pt)[..., None] * np_kl_logit_grad(teacher_kl, st)
     close(grads[0], dz @ data["w"].T, atol=1e-5)
     close(grads[1], np.einsum("btd,btv->dv", data["h"], dz), atol=1e-5)
+    # Exact means no dependence on which token was sampled.
+    other = dict(batch, targets=jnp.asarray(np.random.default_rng(30).integers(0, V, (B, T)), jnp.int32))
+    loss2, grads2 = jax.value_and_grad(lambda h_, w_: L.distill_loss(h_, w_, other, beta, cfg, th, tw)[0],
+                                       argnums=(0, 1))(h, w)
+    close(loss2, loss, rtol=1e-6, atol=0)
+    close(grads2[1], grads[1], rtol=1e-6, atol=1e-7)
+
+
+def _sampled_expected_head_grad(owner, direction, token_weight, max_is_weight=5.0, seed=13):
+    """The head gradient of a sampled-estimator owner loss in expectation over the sampled token, computed
+    exactly: one context, every vocabulary token as a row, rows weighted by `token_weight(q, p)` (the sampling
+    probability, times any correction) through weighted_sum masks. pS_old = pS (first update: ratio 1).
+    Returns (that gradient, the float64 analytic head gradient of the exact KL in `direction`)."""
+    rng = np.random.default_rng(seed)
+    h0, th0 = rng.normal(size=D), rng.normal(size=DT)
+    w, tw = rng.normal(size=(D, V)) * 0.8, rng.normal(size=(DT, V)) * 0.8
+    st = np_token_stats(h0[None, None], w, np.zeros((1, 1), int), th0[None, None], tw)
+    q, p = st["q"][0, 0], st["p"][0, 0]
+    weight = token_weight(q, p)[:, None]
+    zeros = np.zeros((V, 1))
+    batch = {"targets": jnp.arange(V, dtype=jnp.int32)[:, None],
+             "student_mask": jnp.asarray(weight if owner == "student" else zeros, jnp.float32),
+             "teacher_mask": jnp.asarray(weight if owner == "teacher" else zeros, jnp.float32),
+             "old_logprobs": jnp.asarray(np.log(q)[:, None], jnp.float32),
+             "teacher_logprobs": jnp.asarray(np.log(p)[:, None], jnp.float32)}
+    kl = {"student_kl": direction} if owner == "student" else {"teacher_kl": direction}
+    cfg = L.LossConfig(aggregation="weighted_sum", max_is_weight=max_is_weight, **kl)
+    hidden = jnp.asarray(np.broadcast_to(h0, (V, 1, D)), jnp.float32)
+    beta = 0.0 if owner == "student" else 1.0
+    g = jax.grad(lambda w_: L.distill_loss(hidden, w_, batch, beta, cfg)[0])(jnp.asarray(w, jnp.float32))
+    exact = np.outer(h0, np_kl_logit_grad(direction, {k: v[0, 0] for k, v in st.items()}))
+    return np.asarray(g, np.float64), exact
+
+
+def test_sampled_default_estimators_are_unbiased():
+    """Student tokens y ~ pS, PPO surrogate: E grad = grad KL(pS||pT). Teacher tokens y ~ pT, cross-entropy:
+    E grad = grad KL(pT||pS)."""
+    g, exact = _sampled_expected_head_grad("student", "reverse", lambda q, p: q)
+    close(g, exact, atol=1e-5)
+    g, exact = _sampled_expected_head_grad("teacher", "forward", lambda q, p: p)
+    close(g, exact, atol=1e-5)
+
+
+def test_sampled_ablation_estimators_are_the_documented_approximations():
+    """What LossConfig's docstring states: "reverse on teacher tokens" is the PPO surrogate on y ~ pT without
+    the pS/pT importance weight (with it, it would be the reverse-KL gradient); "forward on student tokens"
+    is importance-weighted cross-entropy, exact in expectation only while pT/pS stays under max_is_weight."""
+    g, exact = _sampled_expected_head_grad("teacher", "reverse", lambda q, p: p)
+    assert np.abs(g - exact).max() > 0.1 * np.abs(exact).max()  # biased as used
+    g, exact = _sampled_expected_head_grad("teacher", "reverse", lambda q, p: p * q / p)
+    close(g, exact, atol=1e-5)  # the missing weight, restored
+
+    g, exact = _sampled_expected_head_grad("student", "forward", lambda q, p: q, max_is_weight=1e6)
+    close(g, exact, atol=1e-5)  # cap never binds: unbiased
+    g, exact = _sampled_expected_head_grad("student", "forward", lambda q, p: q, max_is_weight=1.0)
+    assert np.abs(g - exact).max() > 0.1 * np.abs(exact).max()  # cap binds where pT > pS: biased
 
 
 def test_reverse_kl_logit_gradient_is_analytic():
@@ -375,3 +456,33 @@ def test_metrics_are_per_token_means_when_masks_carry_weights():
     plain, weighted = L.resolve_ratios(plain), L.resolve_ratios(weighted)
     for k in ("clip_frac", "student_entropy", "sampled_kl", "ppo_ratio"):
         np.testing.assert_allclose(weighted[k], plain[k], rtol=1e-5, err_msg=k)
+
+
+# --------------------------------------------------------------------------------------------------------
+# the KL-direction ablation module
+
+
+def test_ablation_kl_defaults_to_exact_and_states_the_sampled_approximations(tmp_path, capsys):
+    """--help and results.md say what the estimators compute; finished variants are read back, not rerun."""
+    with pytest.raises(SystemExit):
+        ablation_kl.main(["--help"])
+    help_text = " ".join(capsys.readouterr().out.split())
+    assert "(default: 'exact')" in help_text
+    assert "PPO surrogate on teacher-sampled tokens with no p_S/p_T importance weight" in help_text
+    assert "capped at 5 (LossConfig.max_is_weight)" in help_text
+    for d in ("student", "teacher"):  # what config validation checks for (the runs are already finished)
+        (tmp_path / d).mkdir()
+        for f in ("config.json", "tokenizer_config.json"):
+            (tmp_path / d / f).write_text("{}")
+    out = tmp_path / "runs"
+    for i, name in enumerate(ablation_kl.VARIANTS):
+        (out / name).mkdir(parents=True)
+        (out / name / "final_eval.json").write_text(json.dumps(dict(score=10.0 + i, success_rate=5.0, rounds=7.0, n=4)))
+    argv = ["--student", str(tmp_path / "student"), "--teacher", str(tmp_path / "teacher"), "--out-dir", str(out)]
+    for estimator in ("exact", "sampled"):
+        ablation_kl.main(argv + ["--estimator", estimator])
+        results = (out / "results.md").read_text()
+        assert "| swapped | 11.00 |" in results and results.count("Estimator:") == 1
+        assert ablation_kl.ESTIMATOR_NOTES[estimator] in results
+    with pytest.raises(ValueError, match="estimator must be one of"):
+        ablation_kl.main(argv + ["--estimator", "mc"])
