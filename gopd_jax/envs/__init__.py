@@ -1,4 +1,4 @@
-"""Text environments (ALFWorld, ScienceWorld), a parallel worker pool, prompt format and action parsing."""
+"""Text environments (ALFWorld, ScienceWorld, WebShop), a parallel worker pool, prompt format and action parsing."""
 from gopd_jax.envs.base import (ENV_NAMES, StepResult, TaskSpec, TextEnv, env_splits, failed_step_result,
                                 list_tasks, make_env)
 from gopd_jax.envs.pool import EnvPool

@@ -25,7 +25,7 @@ class StepResult:
 class TaskSpec:
     env: str
     split: str
-    task_id: str  # ALFWorld: game file path; ScienceWorld: "task-name:variation"
+    task_id: str  # ALFWorld: game file path; ScienceWorld: "task-name:variation"; WebShop: see webshop/env.py
     task_type: str
 
 
@@ -54,6 +54,7 @@ _REGISTRY: dict[str, tuple[str, str, str, tuple[str, ...]]] = {
                  ("train", "valid_seen", "valid_unseen", "valid_train")),
     "scienceworld": ("gopd_jax.envs.scienceworld_env", "ScienceWorldTextEnv", "list_scienceworld_tasks",
                      ("train", "dev", "test")),
+    "webshop": ("gopd_jax.envs.webshop", "WebShopEnv", "list_webshop_tasks", ("train", "eval", "test")),
 }
 
 ENV_NAMES = tuple(_REGISTRY)
