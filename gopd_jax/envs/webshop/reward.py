@@ -173,6 +173,8 @@ def get_reward(purchased: dict, goal: dict, price: float, options: dict[str, str
     goal_options = goal["goal_options"]
     goal_options = list(goal_options.items()) if isinstance(goal_options, dict) else list(goal_options)
     n_att, n_opt = len(goal["attributes"]), len(goal_options)
+    if n_att == 0:
+        raise ValueError("a WebShop goal needs at least one attribute (upstream skips instructions without any)")
     denom = n_att + n_opt + 1
     types = type_reward(purchased, goal, nouns)
     att_hits = attribute_matches(purchased, goal["attributes"])
