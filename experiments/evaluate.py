@@ -1,7 +1,9 @@
-"""Evaluate a policy on an environment split: Score / Success Rate / Rounds, with ALFWorld's per-task-type rows.
+"""Evaluate a policy on an environment split: Score / Success Rate / Rounds, with per-task-type rows (ALFWorld's
+task types, ScienceWorld's tasks, WebShop's product categories).
 
     python -m experiments.evaluate --env alfworld --split valid_unseen --policy expert --limit 12
     python -m experiments.evaluate --env scienceworld --split test --policy CHECKPOINT_DIR --limit 30
+    python -m experiments.evaluate --env webshop --split test --policy expert --data-dir $WEBSHOP_DATA
 A checkpoint is evaluated alone (beta = 0) at the eval temperature (default 0.4, the paper's).
 """
 

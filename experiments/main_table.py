@@ -2,7 +2,9 @@
 OPD and Guided-OPD, with the paper's hyperparameters (DESIGN.md §3) as defaults.
 
     python -m experiments.main_table --teacher /ckpt/Qwen3-30B-A3B \\
-        --students /ckpt/Qwen3-0.6B /ckpt/Qwen3-1.7B /ckpt/Qwen3-4B --envs alfworld scienceworld
+        --students /ckpt/Qwen3-0.6B /ckpt/Qwen3-1.7B /ckpt/Qwen3-4B --envs alfworld scienceworld webshop
+WebShop reads its data from $WEBSHOP_DATA (one --data-dir cannot serve two environments' layouts); it trains on
+its train goals and is evaluated on the first 500 goals, the peers' test set (gopd_jax/envs/webshop/data.py).
 Any runner flag (--steps, --batch-tasks, --learning-rate, --num-workers, ...) applies to every run. Finished
 runs are skipped, so the table resumes where it stopped. Writes <out-dir>/main_table.md.
 """
@@ -17,12 +19,12 @@ from gopd_jax.experiment import ExperimentConfig
 from gopd_jax.reporting import markdown_table
 from gopd_jax.runner import run_experiment
 
-ENV_SPLITS = {"alfworld": ("train", "valid_unseen"), "scienceworld": ("train", "test")}
+ENV_SPLITS = {"alfworld": ("train", "valid_unseen"), "scienceworld": ("train", "test"), "webshop": ("train", "test")}
 
 
 def _extra(ap):
     ap.add_argument("--students", nargs="+", required=True, help="student checkpoint directories")
-    ap.add_argument("--envs", nargs="+", default=["alfworld", "scienceworld"], choices=sorted(ENV_SPLITS))
+    ap.add_argument("--envs", nargs="+", default=["alfworld", "scienceworld", "webshop"], choices=sorted(ENV_SPLITS))
 
 
 def _cached(path: Path, compute):

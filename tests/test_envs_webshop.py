@@ -199,6 +199,18 @@ def test_fallback_nouns_drop_closed_class_words_and_numbers():
         "set", "red", "x", "large", "t", "shirts", "men", "64gb"]
 
 
+def test_spacy_nouns_where_a_model_is_installed():
+    """Upstream's tagger path; runs only where the spaCy model ($WEBSHOP_SPACY_MODEL, default en_core_web_sm)
+    is installed (its official wheels are not on PyPI, so CI uses the fallback)."""
+    from gopd_jax.envs.webshop.reward import noun_tagger, title_nouns
+
+    if noun_tagger() == "fallback":
+        pytest.skip("no spaCy English model installed (python -m spacy download en_core_web_sm)")
+    nouns = title_nouns("Red Wooden Console Table for the Living Room")
+    assert {"table", "room"} <= set(nouns) and "the" not in nouns and "for" not in nouns
+    assert get_reward(_product(), _goal(attributes=["wood"]), 1.0, {})[1]["noun_tagger"].startswith("spacy:")
+
+
 def test_attribute_option_and_full_reward_vectors():
     """SPEC 8.7, upstream test_goal.py's cases, as facts."""
     goal_attrs = ["tea tree", "essential oils", "natural ingredients"]
@@ -493,10 +505,11 @@ def test_runner_trains_on_webshop(shop, tokenizer, tmp_path, monkeypatch):
     student = random_checkpoint(_dense(len(tokenizer), 32, 1), tokenizer, tmp_path / "student", seed=1)
     cfg = ExperimentConfig(name="webshop_smoke", out_dir=str(tmp_path / "run"), env="webshop", train_split="test",
                            eval_split="test", data_dir=str(shop), method="sft", student=student, teacher=student,
-                           steps=2, batch_tasks=2, max_turns=3, max_new_tokens=6, think=False, k_history=1,
+                           steps=1, batch_tasks=2, max_turns=3, max_new_tokens=4, think=False, k_history=1,
                            learning_rate=1e-3, compute_dtype="float32", micro_batch_rows=2, num_workers=2,
-                           eval_limit=2, eval_every=2, checkpoint_every=2, progress=False)
+                           eval_limit=2, eval_every=1, checkpoint_every=1, progress=False)
     final = run_experiment(cfg)
     train = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
-    assert [r["step"] for r in train] == [0, 1] and all(np.isfinite(r["loss"]) for r in train)
+    assert [r["step"] for r in train] == [0] and np.isfinite(train[0]["loss"])
+    assert train[0]["n_teacher_tokens"] > 0 and train[0]["teacher_turn_frac"] == 1.0  # SFT: expert turns only
     assert final["n"] == 2 and set(final["by_task_type"]) <= {"fashion", "beauty"}
