@@ -15,7 +15,7 @@ import pytest
 
 from gopd_jax.envs import EnvPool, list_tasks, make_env
 from gopd_jax.envs.webshop import data, pages
-from gopd_jax.envs.webshop.env import WebShopEnv, parse_task_id
+from gopd_jax.envs.webshop.env import WebShopEnv, list_webshop_tasks, parse_task_id
 from gopd_jax.envs.webshop.reward import (category_match, combine, fallback_nouns, fuzzy_score, get_reward,
                                           normalize_color, option_matches, type_reward)
 from gopd_jax.envs.webshop.search import Analyzer, ProductSearch, document_text
@@ -439,6 +439,32 @@ def test_oracle_wins_every_attainable_goal(shop, env):
         for action in actions:
             res = env.step(action)
         assert res.done and res.won and res.score == 100.0, (goal, actions, res.info)
+
+
+@needs_data
+def test_human_goals_and_their_oracle(shop, tmp_path, env):
+    """Human-instruction goals (items_human_ins.json's schema; the real file's targets are not among the 7
+    sample products, so the records are written here): empty-attribute records skipped, '.' stripped, options
+    as bare values matched the reward's way."""
+    folder = tmp_path / "human"
+    shutil.copytree(shop, folder)
+    def record(instruction, attrs, options):
+        return {"asin": "B08ZRR3DZT", "instruction": instruction, "attributes": [], "options": [],
+                "instruction_attributes": attrs, "instruction_options": options}
+    human = {"B08ZRR3DZT": [record("i want a navy blue dress, size medium.", ["polyester spandex"],
+                                   ["navy blue", "medium"]),
+                            record("a dress", [], ["pink"])],
+             "B0NOTINSHOP": [record("something else", ["x"], [])]}
+    (folder / "items_human_ins.json").write_text(json.dumps(human))
+    tasks = list_webshop_tasks("test", data_dir=str(folder), goals="human")
+    assert len(tasks) == 1 and tasks[0].task_id.endswith("#human:0") and tasks[0].task_type == "fashion"
+    goal, _ = env.reset(tasks[0])
+    assert goal.startswith("i want a navy blue dress, size medium, and price lower than ")
+    actions = env.expert_actions()
+    assert actions[-3:] == ["click[light blue]", "click[medium]", "click[buy now]"]  # "blue" normalises both
+    for action in actions:
+        res = env.step(action)
+    assert res.won and res.info["reward_info"]["r_option"] == 1.0
 
 
 @needs_data

@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import hashlib
 import itertools
 import json
 import os
@@ -248,10 +247,3 @@ def split_indices(split: str, num_goals: int) -> range:
     lo, hi = SPLIT_RANGES[split]
     return range(min(lo, num_goals), num_goals if hi is None else min(hi, num_goals))
 
-
-def file_digest(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
