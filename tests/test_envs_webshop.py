@@ -495,8 +495,10 @@ def tokenizer(tmp_path_factory):
 def test_episodes_through_the_rollout_engine(shop, tokenizer, index_dir):
     import jax
 
+    from gopd_jax.methods import owners_from_beta
     from gopd_jax.models import Qwen3Config, init_params
-    from gopd_jax.rollout import EXPERT, STUDENT, TEACHER, Policy, RolloutConfig, RolloutRunner, owners_from_beta
+    from gopd_jax.records import EXPERT, STUDENT, TEACHER, Policy
+    from gopd_jax.rollout import RolloutConfig, RolloutRunner
 
     cfg = Qwen3Config(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
                       num_attention_heads=2, num_key_value_heads=1, head_dim=16)
