@@ -491,21 +491,34 @@ def tokenizer(tmp_path_factory):
     return train_bpe_tokenizer(text * 10, 400, tmp_path_factory.mktemp("tok"))
 
 
+@pytest.fixture(scope="module")
+def smoke_config(shop, tokenizer, tmp_path_factory):
+    """One tiny random student and one config for both the rollout and the runner test (shared compiles)."""
+    from experiments.mini_repro import _dense, random_checkpoint
+    from gopd_jax.experiment import ExperimentConfig
+
+    root = tmp_path_factory.mktemp("webshop_run")
+    student = random_checkpoint(_dense(len(tokenizer), 32, 1), tokenizer, root / "student", seed=1)
+    return ExperimentConfig(name="webshop_smoke", out_dir=str(root / "run"), env="webshop", train_split="test",
+                            eval_split="test", data_dir=str(shop), method="sft", student=student, teacher=student,
+                            steps=1, batch_tasks=2, max_turns=2, max_new_tokens=4, think=False, k_history=1,
+                            learning_rate=1e-3, compute_dtype="float32", micro_batch_rows=2, num_workers=2,
+                            eval_limit=2, eval_every=1, checkpoint_every=1, progress=False)
+
+
 @needs_data
-def test_episodes_through_the_rollout_engine(shop, tokenizer, index_dir):
+def test_episodes_through_the_rollout_engine(smoke_config, tokenizer, index_dir):
     import jax
 
     from gopd_jax.methods import owners_from_beta
-    from gopd_jax.models import Qwen3Config, init_params
+    from gopd_jax.models import load_hf_checkpoint
     from gopd_jax.records import EXPERT, STUDENT, TEACHER, Policy
     from gopd_jax.rollout import RolloutConfig, RolloutRunner
 
-    cfg = Qwen3Config(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                      num_attention_heads=2, num_key_value_heads=1, head_dim=16)
-    student = Policy(init_params(cfg, jax.random.key(1)), cfg)
-    tasks = list_tasks("webshop", "test", data_dir=str(shop))[:3]
+    student = Policy(*load_hf_checkpoint(smoke_config.student, dtype=np.float32))
+    tasks = list_tasks("webshop", "test", data_dir=smoke_config.data_dir)[:3]
     with EnvPool("webshop", {"index_cache_dir": index_dir}, num_workers=2) as pool:
-        runner = RolloutRunner(pool, tokenizer, RolloutConfig(env="webshop", max_turns=2, max_new_tokens=8))
+        runner = RolloutRunner(pool, tokenizer, RolloutConfig.from_experiment(smoke_config, evaluation=True))
         episodes, stats = runner.run(tasks, {STUDENT: student, TEACHER: student}, owners_from_beta(0.0),
                                      jax.random.key(0), progress=False)
         assert sorted(e.task.task_id for e in episodes) == sorted(t.task_id for t in tasks)
@@ -515,7 +528,7 @@ def test_episodes_through_the_rollout_engine(shop, tokenizer, index_dir):
             assert f"WebShop [SEP] Instruction: [SEP] {ep.goal} [SEP] Search" in prompt and ep.goal.startswith("Find me")
         expert_runner = RolloutRunner(pool, tokenizer, RolloutConfig(env="webshop", max_turns=15, max_new_tokens=8))
         experts, _ = expert_runner.run(tasks, {STUDENT: student, TEACHER: EXPERT}, owners_from_beta(1.0),
-                                jax.random.key(0), progress=False)
+                                       jax.random.key(0), progress=False)
         # The oracle's replies, tokenized and parsed back by the rollout, buy the right product.
         for e in experts:  # search, product, (colour, size: the dresses), buy
             assert e.result.won and e.result.score == 100.0 and e.result.invalid_actions == 0
@@ -524,20 +537,12 @@ def test_episodes_through_the_rollout_engine(shop, tokenizer, index_dir):
 
 
 @needs_data
-def test_runner_trains_on_webshop(shop, tokenizer, tmp_path, monkeypatch):
-    from experiments.mini_repro import _dense, random_checkpoint
-    from gopd_jax.experiment import ExperimentConfig
+def test_runner_trains_on_webshop(smoke_config, tmp_path, monkeypatch):
     from gopd_jax.runner import run_experiment
 
     monkeypatch.setenv("GOPD_CACHE", str(tmp_path / "cache"))
-    student = random_checkpoint(_dense(len(tokenizer), 32, 1), tokenizer, tmp_path / "student", seed=1)
-    cfg = ExperimentConfig(name="webshop_smoke", out_dir=str(tmp_path / "run"), env="webshop", train_split="test",
-                           eval_split="test", data_dir=str(shop), method="sft", student=student, teacher=student,
-                           steps=1, batch_tasks=2, max_turns=3, max_new_tokens=4, think=False, k_history=1,
-                           learning_rate=1e-3, compute_dtype="float32", micro_batch_rows=2, num_workers=2,
-                           eval_limit=2, eval_every=1, checkpoint_every=1, progress=False)
-    final = run_experiment(cfg)
-    train = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    final = run_experiment(smoke_config)
+    train = [json.loads(line) for line in (Path(smoke_config.out_dir) / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in train] == [0] and np.isfinite(train[0]["loss"])
     assert train[0]["n_teacher_tokens"] > 0 and train[0]["teacher_turn_frac"] == 1.0  # SFT: expert turns only
     assert final["n"] == 2 and set(final["by_task_type"]) <= {"fashion", "beauty"}
