@@ -425,7 +425,7 @@ def test_session_transitions(shop, env):
     assert info["r_type"] == 1.0 and info["r_att"] == 1.0 and info["r_option"] == 0.5 and info["r_price"] is True
     assert res.reward == pytest.approx(0.8) and not res.won  # (2 + 1 + 1) / 5
     assert res.observation.endswith(f"[SEP] {res.reward} [SEP] Reward Details [SEP] None")
-    with pytest.raises(RuntimeError, match="episode has ended"):
+    with pytest.raises(RuntimeError, match="no WebShop episode is running"):
         env.step("click[back to search]")
 
 

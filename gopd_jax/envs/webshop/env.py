@@ -69,6 +69,7 @@ class WebShopEnv:
         self.catalogue: Catalogue | None = None
         self.search_engine: ProductSearch | None = None
         self.goal: dict | None = None
+        self.done = True  # no episode until reset
 
     # --- protocol ------------------------------------------------------------------------------------
 
@@ -87,7 +88,7 @@ class WebShopEnv:
 
     def step(self, action: str) -> StepResult:
         if self.done:
-            raise RuntimeError("the WebShop episode has ended (buy now); call reset first")
+            raise RuntimeError("no WebShop episode is running (none started, or it ended with buy now): call reset")
         match = _ACTION_RE.match(action.strip())
         name, arg = (match.group(1), match.group(2).lower()) if match else ("", "")
         if name == "search" and arg:
