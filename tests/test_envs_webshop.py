@@ -56,7 +56,9 @@ def index_dir(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def env(index_dir):
-    return WebShopEnv(index_cache_dir=index_dir)
+    env = make_env("webshop", index_cache_dir=index_dir)  # through the registry
+    assert isinstance(env, WebShopEnv)
+    return env
 
 
 def _product(name="Red Wooden Console Table", query="console tables", category="a › b › c", attributes=(),
