@@ -23,7 +23,7 @@ from tqdm.auto import tqdm
 
 from gopd_jax.batch import bucket
 from gopd_jax.envs import EnvPool, StepResult, TaskSpec
-from gopd_jax.envs.prompting import MAX_TURNS, fit_prompt, invalid_step_result, parse_action
+from gopd_jax.envs.prompting import MAX_TURNS, fit_prompt, invalid_step_result, is_admissible, parse_action
 from gopd_jax.generate import SamplingConfig, generate
 from gopd_jax.records import STUDENT, TEACHER, Episode, EpisodeResult, ExpertPolicy, Policy, Turn
 from gopd_jax.tokenizer import end_of_turn_id, render_chat, stop_token_ids
@@ -226,7 +226,8 @@ class RolloutRunner:
                     ep.invalid += 1
                     turn.result = invalid_step_result(ep.last, c.env)
                 else:
-                    ep.inadmissible += bool(ep.last.admissible_actions) and action not in ep.last.admissible_actions
+                    ep.inadmissible += bool(ep.last.admissible_actions) and not is_admissible(action,
+                                                                                          ep.last.admissible_actions)
                     turn.result = results[slot]
                 ep.turns.append(turn)
                 ep.history.append((ep.last.observation, action if action is not None else "(invalid)"))

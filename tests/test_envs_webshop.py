@@ -533,7 +533,8 @@ def test_episodes_through_the_rollout_engine(smoke_config, tokenizer, index_dir)
                                        jax.random.key(0), progress=False)
         # The oracle's replies, tokenized and parsed back by the rollout, buy the right product.
         for e in experts:  # search, product, (colour, size: the dresses), buy
-            assert e.result.won and e.result.score == 100.0 and e.result.invalid_actions == 0
+            assert e.result.won and e.result.score == 100.0
+            assert e.result.invalid_actions == 0 == e.result.inadmissible_actions  # search[...] fits its template
             assert e.result.rounds == (5 if e.task.task_type == "fashion" else 3)
         assert all(e.turns[0].action.startswith("search[") for e in experts)
 

@@ -3,7 +3,7 @@ import pytest
 
 from gopd_jax.envs import StepResult
 from gopd_jax.envs.prompting import (INVALID_ACTION_FEEDBACK, MAX_TURNS, build_messages, fit_prompt,
-                                     invalid_step_result, parse_action)
+                                     invalid_step_result, is_admissible, parse_action)
 
 
 @pytest.mark.parametrize("reply, expected", [
@@ -97,3 +97,10 @@ def test_fit_prompt_drops_history_then_actions_and_keeps_system_and_task():
 def test_fit_prompt_cuts_the_start_only_when_nothing_else_fits():
     ids = fit_prompt(_chars, "g", [], "x" * 500, ["look"], "alfworld", 100)
     assert len(ids) == 100 and "".join(map(chr, ids)).endswith("Reply with <think>...</think><action>...</action>.")
+
+
+def test_admissible_templates():
+    offered = ["search[<your query>]", "click[back to search]"]
+    assert is_admissible("click[back to search]", offered) and is_admissible("search[red shoes]", offered)
+    assert not is_admissible("search[]", offered) and not is_admissible("click[buy now]", offered)
+    assert not is_admissible("search[x]", ["click[buy now]"]) and is_admissible("look", ["look"])

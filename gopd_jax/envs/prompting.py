@@ -102,6 +102,21 @@ def parse_action(reply_text: str) -> str | None:
     return action or None
 
 
+_TEMPLATE_RE = re.compile(r"^(\w+)\[<[^>]*>\]$")
+
+
+def is_admissible(action: str, admissible: list[str]) -> bool:
+    """Whether `action` is one of the offered actions. An offered template such as WebShop's
+    `search[<your query>]` admits any `search[...]` with a non-empty argument."""
+    if action in admissible:
+        return True
+    for offer in admissible:
+        m = _TEMPLATE_RE.match(offer)
+        if m and action.startswith(m.group(1) + "[") and action.endswith("]") and len(action) > len(m.group(1)) + 2:
+            return True
+    return False
+
+
 def invalid_step_result(prev: StepResult, env_name: str) -> StepResult:
     """The turn's result when the reply had no parsable action: the env is not stepped, so its state,
     score and admissible actions stay as they were; the model sees the env's own invalid feedback."""
