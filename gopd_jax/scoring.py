@@ -101,20 +101,23 @@ def _shard_dim(path, strategy: str) -> Optional[int]:
     raise ValueError(f"strategy must be 'tensor' or 'expert', got {strategy!r}")
 
 
+def leaf_spec(path, shape: tuple[int, ...], strategy: str, axis: str, size: int) -> PartitionSpec:
+    """The PartitionSpec of one teacher weight (by its pytree path and shape) split `size` ways over `axis`.
+    A dimension not divisible by `size` stays replicated. Shared with `device_plan`, which sizes shards of
+    abstract shapes before any device holds them."""
+    dim = _shard_dim(path, strategy)
+    if dim is None or shape[dim] % size:
+        return PartitionSpec()
+    parts = [None] * len(shape)
+    parts[dim] = axis
+    return PartitionSpec(*parts)
+
+
 def param_specs(params, mesh: Mesh, strategy: str = "tensor"):
     """PartitionSpec per leaf. A dimension not divisible by the mesh axis size stays replicated."""
     axis, = mesh.axis_names
-    size = mesh.shape[axis]
-
-    def spec(path, x):
-        dim = _shard_dim(path, strategy)
-        if dim is None or x.shape[dim] % size:
-            return PartitionSpec()
-        parts = [None] * x.ndim
-        parts[dim] = axis
-        return PartitionSpec(*parts)
-
-    return jax.tree_util.tree_map_with_path(spec, params)
+    return jax.tree_util.tree_map_with_path(
+        lambda path, x: leaf_spec(path, x.shape, strategy, axis, mesh.shape[axis]), params)
 
 
 def shard_params(params, config: Qwen3Config, mesh: Mesh, strategy: str = "tensor"):
