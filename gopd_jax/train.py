@@ -22,6 +22,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 from jax import lax
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from gopd_jax import losses
 from gopd_jax.models import Qwen3Config, forward_hidden, output_head
@@ -153,6 +154,70 @@ def pmap_update_step(loss_fn: LossFn, optimizer: optax.GradientTransformation, *
     return lambda state, batch, **loss_kwargs: mapped(state, batch, loss_kwargs)
 
 
+# ---- FSDP-style sharded update (jit over a mesh) ------------------------------------------------------------
+
+def fsdp_spec(shape: tuple[int, ...], axis: str, size: int) -> PartitionSpec:
+    """Split the largest dimension divisible by `size` over `axis`; replicate leaves with none (scalars)."""
+    dims = [d for d in sorted(range(len(shape)), key=lambda d: -shape[d]) if shape[d] % size == 0]
+    if not dims:
+        return PartitionSpec()
+    parts = [None] * len(shape)
+    parts[dims[0]] = axis
+    return PartitionSpec(*parts)
+
+
+def fsdp_shard(tree, mesh: Mesh):
+    """Place a pytree (train state, params) with every leaf sharded over the mesh's single (data) axis."""
+    axis, = mesh.axis_names
+    return jax.tree.map(lambda x: jax.device_put(x, NamedSharding(mesh, fsdp_spec(np.shape(x), axis,
+                                                                                  mesh.shape[axis]))), tree)
+
+
+def fsdp_update_step(loss_fn: LossFn, optimizer: optax.GradientTransformation, mesh: Mesh, *, accum_steps: int = 1):
+    """Data-parallel update with the float32 params and AdamW state sharded over `mesh` (FSDP-style: XLA
+    gathers each weight where it is used and reduce-scatters its gradient), for students whose replicated
+    state does not fit one device.
+
+    Same calling convention and the same numbers as `pmap_update_step`: state from `fsdp_shard`, batch from
+    `shard_batch` ([n_devices, rows, ...]), loss_kwargs broadcast; metrics come back already reduced over
+    devices (pass them to `merge_metrics` as they are, where a pmap step's need `unreplicate`). Each
+    device's rows form their own loss group (the loss is vmapped over the device axis and averaged), so
+    per-group means weigh exactly as the pmap step's per-device means do."""
+    axis, = mesh.axis_names
+    n = mesh.shape[axis]
+
+    def grouped(params, batch, **kw):
+        loss, metrics = jax.vmap(lambda b: loss_fn(params, b, **kw))(batch)
+        return jnp.mean(loss), _reduce_metrics(metrics, lambda x: jnp.sum(x, 0), lambda x: jnp.mean(x, 0))
+
+    inner = make_update_step(grouped, optimizer, axis_name=None, accum_steps=accum_steps)
+
+    def step(state, batch, kw):
+        def regroup(x):  # [n, rows, ...] -> [accum * n, rows / accum, ...], micro-batch major
+            if x.shape[0] != n or x.shape[1] % accum_steps:
+                raise ValueError(f"batch leaf of shape {x.shape}: expected [{n} devices, rows divisible by "
+                                 f"accum_steps={accum_steps}, ...] (use shard_batch)")
+            x = x.reshape(n, accum_steps, x.shape[1] // accum_steps, *x.shape[2:]).swapaxes(0, 1)
+            return jax.lax.with_sharding_constraint(
+                x, NamedSharding(mesh, PartitionSpec(None, axis))).reshape(-1, *x.shape[2:])
+        return inner(state, jax.tree.map(regroup, batch), **kw)
+
+    batch_sharding = NamedSharding(mesh, PartitionSpec(axis))
+    jitted = jax.jit(step, donate_argnums=0)
+
+    def call(state, batch, **loss_kwargs):
+        return jitted(state, jax.device_put(batch, batch_sharding), loss_kwargs)
+    return call
+
+
+def policy_params(params, dtype, mesh: Optional[Mesh] = None):
+    """The student's weights for generation, cast to `dtype`: from a pmap state (leading device axis) when
+    mesh is None, else from an FSDP state, gathered to a full copy on every device of `mesh`."""
+    if mesh is None:
+        return jax.tree.map(lambda x: x.astype(dtype), unreplicate(params))
+    return jax.tree.map(lambda x: jax.device_put(x.astype(dtype), NamedSharding(mesh, PartitionSpec())), params)
+
+
 # ---- host <-> device helpers for pmap ------------------------------------------------------------------------
 
 def replicate(tree, devices: Optional[Sequence[jax.Device]] = None):
@@ -188,25 +253,37 @@ def shard_batch(batch, n_devices: int):
 
 # ---- losses -------------------------------------------------------------------------------------------------
 
-def sft_loss_fn(params, batch, config: Qwen3Config, chunk: int = losses.DEFAULT_CHUNK):
+def sft_loss_fn(params, batch, config: Qwen3Config, chunk: int = losses.DEFAULT_CHUNK, attention: str = "xla",
+                remat: str = "none"):
     """Token-mean cross-entropy on batch["targets"] where batch["loss_mask"] is set (assistant tokens).
 
-    batch: "tokens", "targets", "loss_mask", all [B, T]. Bind config with functools.partial."""
-    hidden = forward_hidden(params, config, batch["tokens"])
+    batch: "tokens", "targets", "loss_mask", all [B, T]. Bind config (and the static training options
+    attention / remat, see `models.qwen3.check_train_options`) with functools.partial."""
+    hidden = forward_hidden(params, config, batch["tokens"], attention, remat)
     loss = losses.sft_loss(hidden, output_head(params, config), batch["targets"], batch["loss_mask"], chunk=chunk)
     return loss, {"n_tokens": jnp.sum(batch["loss_mask"].astype(jnp.float32))}
 
 
-def distill_loss_fn(params, batch, beta, teacher_head=None, *, config: Qwen3Config,
-                    loss_config: losses.LossConfig = losses.LossConfig()):
+def distill_loss_fn(params, batch, beta, teacher_head=None, teacher_params=None, *, config: Qwen3Config,
+                    loss_config: losses.LossConfig = losses.LossConfig(), teacher_config: Optional[Qwen3Config] = None,
+                    attention: str = "xla", remat: str = "none"):
     """The Guided-OPD loss of the student `params` on a rollout batch (see losses.distill_loss).
 
-    batch: "tokens" plus the owner masks and log-probs; for the exact estimator also "teacher_hidden"
-    [B, T, D_teacher], with the teacher's output head passed as `teacher_head`. Bind config and loss_config
-    with functools.partial; beta (traced) and teacher_head travel as loss kwargs."""
-    hidden = forward_hidden(params, config, batch["tokens"])
+    batch: "tokens" plus the owner masks and log-probs. The exact estimator needs the teacher's hidden
+    states: pass `teacher_params` (loss kwarg; bind `teacher_config`) and they are computed here, per
+    micro-batch on device and without gradient; or (older path) put "teacher_hidden" [B, T, D_teacher] in
+    the batch and pass `teacher_head`. Bind config, loss_config, teacher_config and the training options with
+    functools.partial; beta (traced) and teacher_params / teacher_head travel as loss kwargs."""
+    if teacher_params is not None and teacher_config is None:
+        raise ValueError("teacher_params needs teacher_config (bind it with functools.partial)")
+    hidden = forward_hidden(params, config, batch["tokens"], attention, remat)
+    t_hidden = batch.get("teacher_hidden")
+    if teacher_params is not None:
+        teacher_params = lax.stop_gradient(teacher_params)
+        t_hidden = forward_hidden(teacher_params, teacher_config, batch["tokens"])
+        teacher_head = output_head(teacher_params, teacher_config)
     return losses.distill_loss(hidden, output_head(params, config), batch, beta, loss_config,
-                               teacher_hidden=batch.get("teacher_hidden"), teacher_head=teacher_head)
+                               teacher_hidden=t_hidden, teacher_head=teacher_head)
 
 
 def with_compute_dtype(loss_fn: LossFn, dtype) -> LossFn:

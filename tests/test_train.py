@@ -240,3 +240,100 @@ def test_ppo_mini_batch_updates_move_the_ratio_and_count_clipped_tokens():
     assert abs(epochs[1]["ppo_ratio"] - 1.0) > 1e-3
     assert epochs[1]["clip_frac"] > 0.0
     assert epochs[0]["n_student_tokens"] == epochs[1]["n_student_tokens"] == (batch["student_mask"] > 0).sum()
+
+@pytest.mark.multidevice
+@pytest.mark.timeout(300)
+def test_fsdp_matches_pmap():
+    """The sharded (jit + mesh) update equals the pmap one over 2 steps, with accumulation, and keeps its
+    params and AdamW moments sharded over the data axis."""
+    from gopd_jax.scoring import make_mesh
+
+    opt, state = new_state()
+    devices = jax.local_devices()[:N_DEV]
+    mesh = make_mesh(N_DEV, "data")
+    pm_step = train.pmap_update_step(LOSS, opt, devices=devices, accum_steps=2)
+    fs_step = train.fsdp_update_step(LOSS, opt, mesh, accum_steps=2)
+    pm_state = train.replicate(state, devices)
+    fs_state = jax.block_until_ready(train.fsdp_shard(state, mesh))
+    for i in range(2):
+        batch = train.shard_batch(make_batch(i, b=16), N_DEV)
+        batch["loss_mask"][:, 0, 5:] = 0.0  # unequal token counts per micro-batch: weighting must still agree
+        pm_state, pm_m = jax.block_until_ready(pm_step(pm_state, batch))
+        fs_state, fs_m = jax.block_until_ready(fs_step(fs_state, batch))
+        for k in ("loss", "grad_norm", "n_tokens"):
+            np.testing.assert_allclose(float(fs_m[k]), np.asarray(pm_m[k])[0], rtol=1e-5, atol=1e-6)
+    host = train.unreplicate(pm_state)
+    assert_trees_close(jax.device_get(fs_state.params), host.params)
+    assert_trees_close(jax.device_get(fs_state.opt_state), host.opt_state)
+    embed = fs_state.params["embed"]
+    assert embed.addressable_shards[0].data.shape == (CFG.vocab_size // N_DEV, CFG.hidden_size)
+    mu = fs_state.opt_state[1][0].mu["embed"]
+    assert mu.addressable_shards[0].data.shape == (CFG.vocab_size // N_DEV, CFG.hidden_size)
+    policy = jax.block_until_ready(train.policy_params(fs_state.params, jnp.bfloat16, mesh))
+    assert policy["embed"].dtype == jnp.bfloat16 and policy["embed"].addressable_shards[0].data.shape == \
+        embed.shape
+
+
+def test_fsdp_spec():
+    assert train.fsdp_spec((6, 8, 4), "data", 4) == jax.sharding.PartitionSpec(None, "data", None)
+    assert train.fsdp_spec((6, 3), "data", 4) == jax.sharding.PartitionSpec()
+    assert train.fsdp_spec((), "data", 4) == jax.sharding.PartitionSpec()
+
+
+TEACHER_CFG = Qwen3Config(vocab_size=64, hidden_size=48, intermediate_size=64, num_hidden_layers=2,
+                          num_attention_heads=4, num_key_value_heads=4, head_dim=8, tie_word_embeddings=False,
+                          num_experts=4, num_experts_per_tok=2, moe_intermediate_size=16)
+
+
+def exact_batch(seed, b=8, t=16):
+    batch = make_batch(seed, b, t)
+    rng = np.random.default_rng(seed)
+    owner = rng.random((b, 1)) < 0.5
+    mask = batch.pop("loss_mask")
+    return {**batch, "student_mask": mask * ~owner, "teacher_mask": mask * owner,
+            "old_logprobs": np.zeros((b, t), np.float32), "teacher_logprobs": np.zeros((b, t), np.float32)}
+
+
+def test_exact_estimator_teacher_on_device_matches_precomputed_hidden():
+    from gopd_jax.losses import LossConfig
+    from gopd_jax.models import forward_hidden, output_head
+
+    params = init_params(CFG, jax.random.PRNGKey(0))
+    t_params = init_params(TEACHER_CFG, jax.random.PRNGKey(5))
+    batch = exact_batch(0)
+    cfg = LossConfig(estimator="exact", chunk=8)
+    on_device = functools.partial(train.distill_loss_fn, config=CFG, loss_config=cfg, teacher_config=TEACHER_CFG)
+    precomputed = functools.partial(train.distill_loss_fn, config=CFG, loss_config=cfg)
+    (l1, m1), g1 = jax.jit(jax.value_and_grad(on_device, has_aux=True))(params, batch, 0.3, teacher_params=t_params)
+    host_batch = {**batch, "teacher_hidden": forward_hidden(t_params, TEACHER_CFG, batch["tokens"])}
+    (l2, m2), g2 = jax.jit(jax.value_and_grad(precomputed, has_aux=True))(params, host_batch, 0.3,
+                                                                 teacher_head=output_head(t_params, TEACHER_CFG))
+    np.testing.assert_allclose(float(l1), float(l2), rtol=1e-6)
+    assert float(l1) > 0
+    assert_trees_close(g1, g2, tol=1e-6)
+    with pytest.raises(ValueError, match="teacher_config"):
+        precomputed(params, batch, 0.3, teacher_params=t_params)
+
+
+@pytest.mark.multidevice
+@pytest.mark.timeout(300)
+def test_fsdp_exact_with_sharded_teacher_matches_pmap():
+    """Exact estimator, teacher forward inside the step: FSDP student + expert-sharded teacher == pmap student
+    + a teacher copy per device."""
+    from gopd_jax.losses import LossConfig
+    from gopd_jax.scoring import make_mesh, shard_params
+
+    opt, state = new_state()
+    t_params = init_params(TEACHER_CFG, jax.random.PRNGKey(5))
+    loss = functools.partial(train.distill_loss_fn, config=CFG, loss_config=LossConfig(estimator="exact", chunk=8),
+                             teacher_config=TEACHER_CFG)
+    devices = jax.local_devices()[:N_DEV]
+    batch = train.shard_batch(exact_batch(1), N_DEV)
+    pm_state, pm_m = jax.block_until_ready(train.pmap_update_step(loss, opt, devices=devices)(
+        train.replicate(state, devices), batch, beta=jnp.float32(0.3), teacher_params=t_params))
+    sharded_teacher = jax.block_until_ready(shard_params(t_params, TEACHER_CFG, make_mesh(N_DEV), "expert"))
+    fs_state = jax.block_until_ready(train.fsdp_shard(state, make_mesh(N_DEV, "data")))
+    fs_state, fs_m = jax.block_until_ready(train.fsdp_update_step(loss, opt, make_mesh(N_DEV, "data"))(
+        fs_state, batch, beta=jnp.float32(0.3), teacher_params=sharded_teacher))
+    np.testing.assert_allclose(float(fs_m["loss"]), np.asarray(pm_m["loss"])[0], rtol=1e-5)
+    assert_trees_close(jax.device_get(fs_state.params), train.unreplicate(pm_state).params)

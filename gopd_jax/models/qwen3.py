@@ -250,7 +250,7 @@ def _layer(p, config: Qwen3Config, layer: int, x, positions, cache, mode, attent
             cache = {name: jax.lax.dynamic_update_slice(cache[name], new.swapaxes(1, 2).astype(cache[name].dtype),
                                                         (0, 0, 0, 0))
                      for name, new in (("k", k), ("v", v))}
-        if mode == "prefill" and _use_cudnn_prefill(attention, q.dtype):
+        if (mode == "prefill" and _use_cudnn_prefill(attention, q.dtype)) or (mode == "full" and attention == "cudnn"):
             out = jax.nn.dot_product_attention(q, k, v, is_causal=True, implementation="cudnn")
         else:
             out = causal_attention(q, k, v)
@@ -260,13 +260,37 @@ def _layer(p, config: Qwen3Config, layer: int, x, positions, cache, mode, attent
     return x, cache
 
 
-def _decoder(params, config, tokens, positions, cache, mode, attention="xla"):
+def _decoder(params, config, tokens, positions, cache, mode, attention="xla", remat="none"):
     x = params["embed"][tokens]
     new_cache = []
     for i, lp in enumerate(params["layers"]):
-        x, c = _layer(lp, config, i, x, positions, None if cache is None else cache[i], mode, attention)
+        if remat != "none":  # training forward only (mode "full": no cache)
+            layer = functools.partial(_layer, config=config, layer=i, positions=positions, cache=None, mode=mode,
+                                      attention=attention)
+            x, c = jax.checkpoint(lambda p, h: layer(p, x=h), policy=REMAT_POLICIES[remat])(lp, x)
+        else:
+            x, c = _layer(lp, config, i, x, positions, None if cache is None else cache[i], mode, attention)
         new_cache.append(c)
     return rms_norm(x, params["final_norm"], config.rms_norm_eps), new_cache
+
+
+# What the backward pass keeps of each decoder layer (jax.checkpoint policies); the rest is recomputed.
+# "none": no rematerialisation (everything saved); "full": only the layer input; "dots": matmul outputs
+# without batch dimensions (projections, MLP), recomputing norms, activations and attention.
+REMAT_POLICIES = {"none": None, "full": jax.checkpoint_policies.nothing_saveable,
+                  "dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable}
+TRAIN_ATTENTION = ("xla", "cudnn")
+
+
+def check_train_options(attention: str, remat: str) -> None:
+    """attention: "xla" (blocked causal attention, any backend) or "cudnn" (cuDNN flash attention forward and
+    backward; GPU, 16-bit activations). remat: a key of REMAT_POLICIES."""
+    if attention not in TRAIN_ATTENTION:
+        raise ValueError(f"training attention must be one of {TRAIN_ATTENTION}, got {attention!r}")
+    if attention == "cudnn" and jax.default_backend() != "gpu":
+        raise ValueError("attention='cudnn' needs a GPU (cuDNN flash attention); use attention='xla'")
+    if remat not in REMAT_POLICIES:
+        raise ValueError(f"remat must be one of {tuple(REMAT_POLICIES)}, got {remat!r}")
 
 
 # ---- public API ---------------------------------------------------------------------------------
@@ -281,13 +305,16 @@ def unembed(params: Params, config: Qwen3Config, hidden: jax.Array) -> jax.Array
     return jnp.matmul(hidden, output_head(params, config), preferred_element_type=jnp.float32)
 
 
-def forward_hidden(params: Params, config: Qwen3Config, tokens: jax.Array) -> jax.Array:
+def forward_hidden(params: Params, config: Qwen3Config, tokens: jax.Array, attention: str = "xla",
+                   remat: str = "none") -> jax.Array:
     """[B, T] token ids -> [B, T, D] final-normed hidden states; causal, positions 0..T-1.
 
-    Right padding is exact: a row's outputs before its padding never see the padding."""
+    Right padding is exact: a row's outputs before its padding never see the padding. attention and remat
+    (static) choose the training path: see `check_train_options`."""
+    check_train_options(attention, remat)
     b, t = tokens.shape
     positions = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
-    hidden, _ = _decoder(params, config, tokens, positions, None, "full")
+    hidden, _ = _decoder(params, config, tokens, positions, None, "full", attention, remat)
     return hidden
 
 
