@@ -337,3 +337,39 @@ def test_fsdp_exact_with_sharded_teacher_matches_pmap():
         fs_state, batch, beta=jnp.float32(0.3), teacher_params=sharded_teacher))
     np.testing.assert_allclose(float(fs_m["loss"]), np.asarray(pm_m["loss"])[0], rtol=1e-5)
     assert_trees_close(jax.device_get(fs_state.params), train.unreplicate(pm_state).params)
+
+
+@pytest.mark.timeout(300)
+def test_remat_policies_give_the_same_gradients():
+    params = init_params(CFG, jax.random.PRNGKey(0))
+    batch = make_batch(0)
+    grads = {r: jax.jit(jax.grad(lambda p, r=r: train.sft_loss_fn(p, batch, CFG, chunk=8, remat=r)[0]))(params)
+             for r in ("none", "full", "dots")}
+    assert_trees_close(grads["full"], grads["none"], tol=1e-6)
+    assert_trees_close(grads["dots"], grads["none"], tol=1e-6)
+    with pytest.raises(ValueError, match="remat must be one of"):
+        train.sft_loss_fn(params, batch, CFG, remat="some")
+    if jax.default_backend() != "gpu":
+        with pytest.raises(ValueError, match="needs a GPU"):
+            train.sft_loss_fn(params, batch, CFG, attention="cudnn")
+
+
+@pytest.mark.skipif(jax.default_backend() != "gpu", reason="cuDNN flash attention runs on GPUs only")
+@pytest.mark.timeout(300)
+def test_cudnn_training_attention_matches_xla_on_gpu():
+    cfg = Qwen3Config(vocab_size=256, hidden_size=256, intermediate_size=512, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, head_dim=64)
+    params = init_params(cfg, jax.random.PRNGKey(0))
+    rng = np.random.default_rng(0)
+    tokens = rng.integers(1, cfg.vocab_size, (2, 1024)).astype(np.int32)  # > ATTENTION_BLOCK: blocked XLA path
+    batch = {"tokens": tokens, "targets": np.roll(tokens, -1, 1), "loss_mask": np.ones(tokens.shape, np.float32)}
+
+    def run(attention):
+        loss = train.with_compute_dtype(functools.partial(train.sft_loss_fn, config=cfg, attention=attention),
+                                        jnp.bfloat16)
+        return jax.jit(jax.value_and_grad(lambda p: loss(p, batch)[0]))(params)
+
+    (l_x, g_x), (l_c, g_c) = run("xla"), run("cudnn")
+    np.testing.assert_allclose(float(l_c), float(l_x), rtol=2e-2)
+    for a, b in zip(jax.tree.leaves(g_c), jax.tree.leaves(g_x)):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=5e-3 + 5e-2 * float(np.abs(b).max()))
