@@ -55,6 +55,8 @@ _REGISTRY: dict[str, tuple[str, str, str, tuple[str, ...]]] = {
     "scienceworld": ("gopd_jax.envs.scienceworld_env", "ScienceWorldTextEnv", "list_scienceworld_tasks",
                      ("train", "dev", "test")),
     "webshop": ("gopd_jax.envs.webshop", "WebShopEnv", "list_webshop_tasks", ("train", "eval", "test")),
+    # Recorded ALFWorld episodes replayed: a benchmark tool (experiments/bench_step.py), not an environment.
+    "alfworld_replay_bench": ("gopd_jax.envs.replay", "AlfWorldReplayEnv", "list_replay_tasks", ("valid_unseen",)),
 }
 
 ENV_NAMES = tuple(_REGISTRY)
