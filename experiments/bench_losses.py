@@ -7,12 +7,26 @@ Compares value_and_grad (w.r.t. student hidden states and head) of
 Memory is XLA's compile-time temp allocation (``memory_analysis()``), which works on CPU.
 
     JAX_COMPILATION_CACHE_DIR=/tmp/jaxcache .venv/bin/python -m experiments.bench_losses
+
+``--host-memory`` instead compares where the exact estimator's teacher hidden states live, each path in a fresh
+process: "host" (the teacher's hidden states for the whole batch gathered as float32 on the host, then fed to the
+update) vs "device" (the update step runs the teacher per micro-batch: `distill_loss_fn(teacher_params=...)`).
+It prints the peak of host allocations (tracemalloc, which numpy reports to) and the process's peak RSS.
+
+    .venv/bin/python -m experiments.bench_losses --host-memory --rows 64 --seq 512
 """
 import argparse
+import functools
+import json
+import resource
+import subprocess
+import sys
 import time
+import tracemalloc
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from gopd_jax import losses as L
 
 GIB = 2.0 ** 30
@@ -52,6 +66,62 @@ def compiled_grad(loss_fn, args):
     return jax.jit(f).lower(*args).compile()
 
 
+def exact_update_host_memory(where: str, rows: int, seq: int, micro_rows: int) -> dict:
+    """One exact-estimator update of a small student against a small teacher (D 512, vocab 4096), with the
+    teacher's hidden states made on the host for the whole batch ("host") or inside the step ("device")."""
+    from gopd_jax import scoring, train
+    from gopd_jax.models import Qwen3Config, init_params, output_head
+
+    student = Qwen3Config(vocab_size=4096, hidden_size=128, intermediate_size=256, num_hidden_layers=2,
+                          num_attention_heads=2, num_key_value_heads=1, head_dim=64)
+    teacher = Qwen3Config(vocab_size=4096, hidden_size=512, intermediate_size=1024, num_hidden_layers=2,
+                          num_attention_heads=8, num_key_value_heads=2, head_dim=64, tie_word_embeddings=False)
+    rng = np.random.default_rng(0)
+    tokens = rng.integers(1, 4096, (rows, seq)).astype(np.int32)
+    mask = np.zeros((rows, seq), np.float32)
+    mask[:, seq // 2:-1] = 1.0
+    batch = {"tokens": tokens, "targets": np.roll(tokens, -1, 1), "student_mask": mask,
+             "teacher_mask": np.zeros_like(mask), "old_logprobs": np.zeros_like(mask),
+             "teacher_logprobs": np.zeros_like(mask)}
+    t_params = init_params(teacher, jax.random.PRNGKey(1))
+    optimizer = train.make_optimizer(1e-6)
+    state = train.init_train_state(init_params(student, jax.random.PRNGKey(0)), optimizer, jax.random.PRNGKey(2))
+    loss = functools.partial(train.distill_loss_fn, config=student, loss_config=L.LossConfig(estimator="exact"),
+                             teacher_config=teacher)
+    step = train.jit_update_step(loss, optimizer, accum_steps=rows // micro_rows)
+    tracemalloc.start()
+    start = time.perf_counter()
+    if where == "host":  # what the runner did: float32 hidden states of every row, gathered on the host
+        batch["teacher_hidden"] = np.concatenate([
+            np.asarray(scoring.teacher_hidden(t_params, teacher, jnp.asarray(tokens[i:i + micro_rows])), np.float32)
+            for i in range(0, rows, micro_rows)])
+        kw = {"teacher_head": output_head(t_params, teacher)}
+    else:
+        kw = {"teacher_params": t_params}
+    state, metrics = jax.block_until_ready(step(state, batch, beta=jnp.float32(0.0), **kw))
+    _, peak = tracemalloc.get_traced_memory()
+    return {"where": where, "host_peak_mib": peak / 2**20, "max_rss_mib": resource.getrusage(
+        resource.RUSAGE_SELF).ru_maxrss / 2**10, "seconds": time.perf_counter() - start,
+        "loss": float(metrics["loss"]), "hidden_mib": rows * seq * teacher.hidden_size * 4 / 2**20}
+
+
+def host_memory_report(rows: int, seq: int, micro_rows: int) -> None:
+    results = []
+    for where in ("host", "device"):  # a fresh process each, so peak RSS belongs to one path
+        out = subprocess.run([sys.executable, "-m", "experiments.bench_losses", "--host-memory-path", where,
+                              "--rows", str(rows), "--seq", str(seq), "--micro-rows", str(micro_rows)],
+                             check=True, capture_output=True, text=True).stdout
+        results.append(json.loads(out.strip().splitlines()[-1]))
+    print(f"exact estimator, one update: {rows} rows x {seq} tokens, micro-batches of {micro_rows} rows, teacher D 512 "
+          f"(its float32 hidden states for the batch: {results[0]['hidden_mib']:.0f} MiB)")
+    print("| teacher hidden states | host peak (tracemalloc) MiB | process peak RSS MiB | seconds | loss |\n|---|---|---|---|---|")
+    for r in results:
+        print(f"| {r['where']} | {r['host_peak_mib']:.1f} | {r['max_rss_mib']:.0f} | {r['seconds']:.1f} | {r['loss']:.4f} |")
+    paper = 64 * 30 * 10_752 * 2048 * 4
+    print(f"at paper scale (64 tasks x 30 turns, 10,752-token rows, Qwen3-30B-A3B D 2048) the host path would hold "
+          f"{paper / 2**30:,.0f} GiB; the device path holds one micro-batch's hidden states on the device")
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser()
     parser.add_argument("--vocab", type=int, default=151_936)
@@ -59,7 +129,18 @@ def main(argv=None):
     parser.add_argument("--chunk", type=int, default=L.DEFAULT_CHUNK)
     parser.add_argument("--shapes", default="1x256,1x512,2x1024", help="BxT list")
     parser.add_argument("--time-shapes", default="1x256", help="BxT list also run and timed (best of 2)")
+    parser.add_argument("--host-memory", action="store_true", help="exact estimator: host vs device teacher states")
+    parser.add_argument("--host-memory-path", choices=("host", "device"), help=argparse.SUPPRESS)
+    parser.add_argument("--rows", type=int, default=64)
+    parser.add_argument("--seq", type=int, default=512)
+    parser.add_argument("--micro-rows", type=int, default=8)
     args = parser.parse_args(argv)
+    if args.host_memory_path:
+        print(json.dumps(exact_update_host_memory(args.host_memory_path, args.rows, args.seq, args.micro_rows)))
+        return
+    if args.host_memory:
+        host_memory_report(args.rows, args.seq, args.micro_rows)
+        return
 
     variants = {
         "sampled": lambda h, w, b, beta, th, tw: L.distill_loss(h, w, b, beta, L.LossConfig(chunk=args.chunk)),
