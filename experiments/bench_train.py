@@ -2,10 +2,13 @@
 
     JAX_COMPILATION_CACHE_DIR=/tmp/jaxcache .venv/bin/python -m experiments.bench_train     # small CPU config
     python -m experiments.bench_train --preset qwen3-0.6b --seq 2048 --batch 8               # GPU: step time, MFU
+    python -m experiments.bench_train --preset qwen3-0.6b --seq 2048 --batch 8 --attention cudnn --remat dots
 
 MFU = model FLOPs per step / step time / peak, with model FLOPs = 6 * params * tokens (forward + backward of
 every matmul, tied head included) + 12 * layers * heads * head_dim * seq * tokens (attention scores and
-values, counted without the causal saving, as in PaLM). Params are float32 masters; --compute-dtype casts
+values, counted without the causal saving, as in PaLM); recomputation under --remat is not model FLOPs.
+--attention picks the training attention (xla: blocked, any backend; cudnn: cuDNN flash attention, GPU) and
+--remat what each layer saves for the backward pass (gopd_jax.models.qwen3.REMAT_POLICIES). Params are float32 masters; --compute-dtype casts
 them for the forward/backward (bf16 on GPU).
 """
 import argparse
@@ -18,6 +21,7 @@ import numpy as np
 
 from gopd_jax import train
 from gopd_jax.models import QWEN3_0_6B, QWEN3_1_7B, QWEN3_4B, Qwen3Config, init_params
+from gopd_jax.models.qwen3 import REMAT_POLICIES, TRAIN_ATTENTION
 
 PRESETS = {"qwen3-0.6b": QWEN3_0_6B, "qwen3-1.7b": QWEN3_1_7B, "qwen3-4b": QWEN3_4B}
 
@@ -46,6 +50,8 @@ def main(argv=None):
     parser.add_argument("--accum", type=int, default=1, help="gradient accumulation micro-batches")
     parser.add_argument("--chunk", type=int, default=128, help="time steps per logits chunk in the loss")
     parser.add_argument("--compute-dtype", default=None, help="e.g. bfloat16 (default: bf16 on GPU, f32 on CPU)")
+    parser.add_argument("--attention", choices=TRAIN_ATTENTION, default="xla")
+    parser.add_argument("--remat", choices=sorted(REMAT_POLICIES), default="none")
     parser.add_argument("--steps", type=int, default=5)
     parser.add_argument("--peak-tflops", type=float, default=989.0, help="H100 dense bf16")
     args = parser.parse_args(argv)
@@ -57,7 +63,8 @@ def main(argv=None):
     on_cpu = jax.default_backend() == "cpu"
     compute_dtype = jnp.dtype(args.compute_dtype or ("float32" if on_cpu else "bfloat16"))
 
-    loss_fn = functools.partial(train.sft_loss_fn, config=config, chunk=args.chunk)
+    loss_fn = functools.partial(train.sft_loss_fn, config=config, chunk=args.chunk, attention=args.attention,
+                                remat=args.remat)
     if compute_dtype != jnp.float32:
         loss_fn = train.with_compute_dtype(loss_fn, compute_dtype)
     optimizer = train.make_optimizer(1e-6)
@@ -67,7 +74,8 @@ def main(argv=None):
 
     print(f"device {jax.devices()[0].device_kind} ({jax.default_backend()}), params {config.num_params() / 1e6:.1f}M, "
           f"layers {config.num_hidden_layers}, d {config.hidden_size}, vocab {config.vocab_size}, "
-          f"batch {args.batch} x seq {args.seq}, accum {args.accum}, compute {compute_dtype.name}", flush=True)
+          f"batch {args.batch} x seq {args.seq}, accum {args.accum}, compute {compute_dtype.name}, attention "
+          f"{args.attention}, remat {args.remat}", flush=True)
     start = time.perf_counter()
     compiled = step.lower(state, batch).compile()
     memory = compiled.memory_analysis()
