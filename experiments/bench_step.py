@@ -100,14 +100,17 @@ def score(batch: dict, teacher: Policy, rows: int) -> None:
         for i in range(0, len(batch["tokens"]), rows)]) * owned
 
 
-def projected_paper_seconds(step: dict, beta: float, steps: int = PAPER_STEPS, rho: float = 0.8) -> float:
-    """250 steps under the cosine curriculum: teacher and student generation scale with their share of turns
-    (beta_s vs the measured beta); everything else is taken as measured."""
+def projected_paper_seconds(step: dict, beta: float, turn_scale: float = 1.0, teacher_scale: float = 1.0,
+                            steps: int = PAPER_STEPS, rho: float = 0.8) -> float:
+    """The paper's 250 steps under the cosine curriculum, from one measured step: teacher and student generation
+    scale with their share of turns (beta_s vs the measured beta); everything scales linearly by `turn_scale`
+    (turns per step in the paper / turns measured) and the teacher's parts (its generation, scoring) by
+    `teacher_scale` (full layers / layers run)."""
     betas = np.asarray(cur.beta_at(cur.cosine_to_zero(steps, rho), np.arange(steps)), np.float64)
-    fixed = step["total"] - step["teacher_gen"] - step["student_gen"]
-    t_per = step["teacher_gen"] / beta if beta > 0 else 0.0
+    fixed = step["total"] - step["teacher_gen"] - step["student_gen"] + (teacher_scale - 1) * step["scoring"]
+    t_per = teacher_scale * step["teacher_gen"] / beta if beta > 0 else 0.0
     s_per = step["student_gen"] / (1 - beta) if beta < 1 else 0.0
-    return float(np.sum(fixed + betas * t_per + (1 - betas) * s_per))
+    return float(turn_scale * np.sum(fixed + betas * t_per + (1 - betas) * s_per))
 
 
 def main(argv=None) -> dict:
@@ -129,6 +132,8 @@ def main(argv=None) -> dict:
     ap.add_argument("--remat", default="none")
     ap.add_argument("--dtype", default=None, help="teacher / student compute dtype (default bf16, f32 on CPU)")
     ap.add_argument("--steps", type=int, default=2)
+    ap.add_argument("--paper-turns", type=int, default=64 * 30,
+                    help="turns per paper step for the projection (64 tasks x 30 turns; random weights use every turn)")
     ap.add_argument("--tokenizer", default=None)
     ap.add_argument("--recording", default=None, help="alfworld_replay_bench recording (default: the committed one)")
     ap.add_argument("--no-realtime", action="store_true", help="replay without the engine's recorded latency")
@@ -208,10 +213,13 @@ def main(argv=None) -> dict:
                   + f"; {r['turns']} turns, batch {len(batch['tokens'])} x {r['width']}, loss {loss:.4f}", flush=True)
     last = results[-1]
     env_if_acting = last["turns"] * step_s / args.workers
-    projected = projected_paper_seconds(last, args.beta)
+    turn_scale = args.paper_turns / last["turns"]
+    teacher_scale = TEACHERS[args.teacher].num_hidden_layers / t_cfg.num_hidden_layers
+    projected = projected_paper_seconds(last, args.beta, turn_scale, teacher_scale)
     print(f"env if every turn acted: + ~{env_if_acting:.1f} s per step (recorded median engine step {step_s * 1e3:.0f} "
           f"ms x {last['turns']} turns / {args.workers} workers, when not hidden behind generation)")
-    print(f"projected {PAPER_STEPS} steps (cosine curriculum, from the last step): {projected / 3600:.2f} h")
+    print(f"projected {PAPER_STEPS} steps (cosine curriculum, from the last step; x{turn_scale:.1f} turns, teacher "
+          f"x{teacher_scale:.1f} layers, scaled linearly): {projected / 3600:.2f} h")
     return {"steps": results, "projected_s": projected, "plan": plan}
 
 

@@ -58,3 +58,17 @@ def test_bench_step_smoke_sharded_moe_teacher_and_fsdp_student(capsys):
     assert out["projected_s"] > 0
     printed = capsys.readouterr().out
     assert "device plan" in printed and "projected 250 steps" in printed
+
+
+def test_projection_follows_the_curriculum():
+    from experiments.bench_step import projected_paper_seconds
+
+    step = {"total": 10.0, "teacher_gen": 4.0, "student_gen": 3.0, "scoring": 1.0}
+    beta_sum = sum(0.5 * (1 + np.cos(np.pi * min(s / 200, 1.0))) for s in range(250))  # cosine to 0 at 0.8 * 250
+    # per step: 3 s fixed + beta_s * 8 s (teacher at full share) + (1 - beta_s) * 6 s (student)
+    expected = 250 * 3 + 250 * 6 + 2 * beta_sum
+    np.testing.assert_allclose(projected_paper_seconds(step, 0.5), expected, rtol=1e-5)
+    np.testing.assert_allclose(projected_paper_seconds(step, 0.5, turn_scale=2.0), 2 * expected, rtol=1e-5)
+    # teacher 4x deeper: its generation x4 and scoring + 3 s
+    np.testing.assert_allclose(projected_paper_seconds(step, 0.5, teacher_scale=4.0),
+                               expected + 250 * 3 + 24 * beta_sum, rtol=1e-5)

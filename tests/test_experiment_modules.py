@@ -7,7 +7,8 @@ import pytest
 from gopd_jax.experiment import ExperimentConfig
 
 MODULES = ["ablation_schedule", "ablation_kl", "baselines", "evaluate", "main_table", "mini_repro", "quickstart",
-           "bench_generate", "bench_train", "bench_losses", "bench_envs"]
+           "bench_generate", "bench_train", "bench_losses", "bench_envs", "bench_scoring", "bench_step",
+           "record_alfworld"]
 
 
 @pytest.mark.parametrize("name", MODULES)
