@@ -32,12 +32,15 @@ import numpy as np
 from gopd_jax import curriculum as cur
 from gopd_jax import device_plan as dp
 from gopd_jax import train
+from gopd_jax.batch import bucket, pad_rows, training_batch
 from gopd_jax.envs import EnvPool, list_tasks
 from gopd_jax.envs.replay import find_recording, load_recording
 from gopd_jax.losses import LossConfig
+from gopd_jax.methods import owners_from_beta
 from gopd_jax.models import QWEN3_0_6B, QWEN3_1_7B, QWEN3_4B, QWEN3_30B_A3B, Qwen3Config, init_params
-from gopd_jax.rollout import STUDENT, TEACHER, Policy, RolloutConfig, RolloutRunner, owners_from_beta, training_batch
-from gopd_jax.scoring import teacher_logprobs
+from gopd_jax.records import STUDENT, TEACHER, Policy
+from gopd_jax.rollout import RolloutConfig, RolloutRunner
+from gopd_jax.scoring import score_batch
 from gopd_jax.tokenizer import load_tokenizer
 
 PAPER_STEPS = 250
@@ -84,20 +87,6 @@ class TimedRunner(RolloutRunner):
         out = super()._generate(policy, prompts, keys, episodes)
         self.seconds[self.owner_of[id(policy)]] += time.perf_counter() - t0
         return out
-
-
-def _pad_rows(batch: dict, multiple: int) -> dict:
-    rows = -(-batch["tokens"].shape[0] // multiple) * multiple
-    return {k: np.concatenate([v, np.zeros((rows - len(v), *v.shape[1:]), v.dtype)]) for k, v in batch.items()}
-
-
-def score(batch: dict, teacher: Policy, rows: int) -> None:
-    """Teacher log-probs at every response token, `rows` rows per call (as the runner scores)."""
-    owned = batch["student_mask"] + batch["teacher_mask"]
-    batch["teacher_logprobs"] = np.concatenate([
-        np.asarray(teacher_logprobs(teacher.params, teacher.config, jnp.asarray(batch["tokens"][i:i + rows]),
-                                    jnp.asarray(batch["targets"][i:i + rows])))
-        for i in range(0, len(batch["tokens"]), rows)]) * owned
 
 
 def projected_paper_seconds(step: dict, beta: float, turn_scale: float = 1.0, teacher_scale: float = 1.0,
@@ -147,7 +136,7 @@ def main(argv=None) -> dict:
         s_cfg = dataclasses.replace(s_cfg, num_hidden_layers=args.student_layers)
     tokenizer = qwen3_tokenizer(args.tokenizer)
     n_dev = jax.local_device_count()
-    rows = 1 << (min(args.workers, args.tasks) - 1).bit_length()  # RolloutRunner pads rows to a power of two
+    rows = bucket(min(args.workers, args.tasks), 1)  # RolloutRunner's generation rows
     plan = dp.make_plan(t_cfg, s_cfg, n_devices=n_dev, device_bytes=dp.device_memory_bytes(), rollout_rows=rows,
                         max_prompt_tokens=args.max_prompt_tokens, max_new_tokens=args.max_new_tokens,
                         micro_batch_rows=args.micro_batch_rows, teacher_dtype=dtype, compute_dtype=dtype,
@@ -191,9 +180,10 @@ def main(argv=None) -> dict:
                                          jax.random.PRNGKey(step), progress=False)
             turns = [t for e in episodes for t in e.turns]
             t1 = time.perf_counter()
-            batch = _pad_rows(training_batch(turns, pad_id=tokenizer.pad_token_id or 0),
-                              n_dev * args.micro_batch_rows)
-            score(batch, teacher, n_dev * args.micro_batch_rows)
+            batch = training_batch(turns, pad_id=tokenizer.pad_token_id or 0)
+            batch = pad_rows(batch, bucket(len(batch["tokens"]), n_dev * args.micro_batch_rows))
+            if args.estimator == "sampled":  # the exact estimator runs the teacher inside the update instead
+                batch = score_batch(batch, teacher, student, n_dev * args.micro_batch_rows, loss_cfg)
             t2 = time.perf_counter()
             kw = {"beta": jnp.float32(args.beta)}
             if args.estimator == "exact":

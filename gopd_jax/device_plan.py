@@ -276,8 +276,9 @@ def device_memory_bytes(device: Optional[jax.Device] = None) -> int:
 
 
 def place_teacher(params, config: Qwen3Config, plan: DevicePlan):
-    """The teacher's params where the plan puts them: sharded over a "model" mesh of the plan's devices, or
-    left as given (replicated layout: generation and scoring run on one device at a time)."""
+    """The teacher's params where the plan puts them: sharded over a "model" mesh of the plan's devices, or,
+    replicated layout, on the default device (generation and scoring run there). Host (numpy) params, e.g.
+    from `load_hf_checkpoint(..., on_host=True)`, go straight to their shards."""
     if not plan.teacher_sharded:
-        return params
+        return jax.device_put(params)
     return scoring.shard_params(params, config, plan.mesh("model"), plan.teacher_layout)

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from gopd_jax import device_plan as dp
-from gopd_jax import scoring, train
+from gopd_jax import train
 from gopd_jax.models import QWEN3_0_6B, QWEN3_4B, QWEN3_30B_A3B, Qwen3Config, init_params
 
 GB = 10 ** 9
@@ -123,6 +123,11 @@ def test_plan_sizes_equal_real_placements(layout):
                                                     if np.ndim(x) == 0)
     assert _device0_bytes(state.params) == plan.components["student params (f32)"]
     assert moments == plan.components["student AdamW moments (f32)"]
-    assert dp.place_teacher(params, TINY_MOE, dp.make_plan(TINY_MOE, TINY_MOE, n_devices=4, device_bytes=GB,
-                                                            **SHAPES)) is params  # replicated: untouched
-    assert scoring.param_specs(placed, plan.mesh("model"), layout) is not None
+    # host (numpy) weights go straight to their shards; the replicated layout keeps one copy on one device
+    host = jax.tree.map(np.asarray, params)
+    from_host = jax.block_until_ready(dp.place_teacher(host, TINY_MOE, plan))
+    assert _device0_bytes(from_host) == plan.components["teacher weights"]
+    jax.tree.map(np.testing.assert_array_equal, jax.device_get(from_host), host)
+    whole = dp.place_teacher(host, TINY_MOE, dp.make_plan(TINY_MOE, TINY_MOE, n_devices=4, device_bytes=GB, **SHAPES))
+    assert all(len(x.sharding.device_set) == 1 for x in jax.tree.leaves(whole))
+    assert _device0_bytes(whole) == sum(x.nbytes for x in jax.tree.leaves(host))

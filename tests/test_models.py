@@ -82,6 +82,9 @@ def test_save_roundtrip_loads_in_transformers(checkpoint, tmp_path):
     params2, config2 = load_hf_checkpoint(out, dtype=jnp.float32)
     assert config2 == config
     jax.tree.map(np.testing.assert_array_equal, params2, params)
+    on_host, _ = load_hf_checkpoint(out, dtype=jnp.float32, on_host=True)
+    assert all(isinstance(x, np.ndarray) for x in jax.tree.leaves(on_host))
+    jax.tree.map(np.testing.assert_array_equal, on_host, params)
 
 
 def test_sharded_save_and_bf16(checkpoint, tmp_path):

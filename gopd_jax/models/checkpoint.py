@@ -163,8 +163,12 @@ def _split_fused_experts(tensors: dict[str, np.ndarray]) -> dict[str, np.ndarray
     return out
 
 
-def load_hf_checkpoint(path: str | os.PathLike, dtype=jnp.bfloat16) -> tuple[dict, Qwen3Config]:
-    """Read a Qwen3 / Qwen3-MoE checkpoint directory into (params, config); weights cast to `dtype`."""
+def load_hf_checkpoint(path: str | os.PathLike, dtype=jnp.bfloat16, on_host: bool = False) -> tuple[dict, Qwen3Config]:
+    """Read a Qwen3 / Qwen3-MoE checkpoint directory into (params, config); weights cast to `dtype`.
+
+    on_host: keep the weights as numpy arrays, so a model bigger than one device can go straight to its
+    shards (`device_plan.place_teacher`) instead of passing whole through the default device."""
+    xp = np if on_host else jnp
     path = Path(path)
     config = load_hf_config(path)
     tensors, source = _open_tensors(path)
@@ -179,13 +183,13 @@ def load_hf_checkpoint(path: str | os.PathLike, dtype=jnp.bfloat16) -> tuple[dic
             raise ValueError(f"{path / source[name]}: tensor {name!r} has shape {tuple(a.shape)}, expected {shape} "
                              "from config.json")
         if kind == "copy":
-            _set(params, tree_path, jnp.asarray(a, dtype))
+            _set(params, tree_path, xp.asarray(a, dtype))
         elif kind == "linear":
-            _set(params, tree_path, jnp.asarray(a, dtype).T)
+            _set(params, tree_path, xp.asarray(a, dtype).T)
         else:
-            experts.setdefault(tree_path, []).append(jnp.asarray(a, dtype).T)
+            experts.setdefault(tree_path, []).append(xp.asarray(a, dtype).T)
     for tree_path, per_expert in experts.items():
-        _set(params, tree_path, jnp.stack(per_expert))
+        _set(params, tree_path, xp.stack(per_expert))
     return params, config
 
 
