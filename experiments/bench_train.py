@@ -53,6 +53,7 @@ def main(argv=None):
     parser.add_argument("--attention", choices=TRAIN_ATTENTION, default="xla")
     parser.add_argument("--remat", choices=sorted(REMAT_POLICIES), default="none")
     parser.add_argument("--steps", type=int, default=5)
+    parser.add_argument("--profile", default=None, help="write a jax.profiler trace of the timed steps to this folder")
     parser.add_argument("--peak-tflops", type=float, default=989.0, help="H100 dense bf16")
     args = parser.parse_args(argv)
 
@@ -84,11 +85,15 @@ def main(argv=None):
     print(f"compile + first step {time.perf_counter() - start:.1f} s{temp}, loss {float(metrics['loss']):.4f}",
           flush=True)
 
+    if args.profile:
+        jax.profiler.start_trace(args.profile)
     start = time.perf_counter()
     for _ in range(args.steps):
         state, metrics = compiled(state, batch)
     jax.block_until_ready(state)
     seconds = (time.perf_counter() - start) / args.steps
+    if args.profile:
+        jax.profiler.stop_trace()
     tokens = args.batch * args.seq
     tflops = model_flops_per_step(config, args.batch, args.seq) / seconds / 1e12
     print(f"step {seconds:.3f} s, {tokens / seconds:,.0f} tokens/s, {tflops:.2f} model TFLOP/s, "

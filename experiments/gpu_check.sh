@@ -10,6 +10,7 @@
 #   6. one paper step (bench_step; needs the Qwen3 tokenizer at shared/data/qwen3_tokenizer in the checkout)
 #   7. update step with the remat policy "dots" (cuDNN attention)
 #   8. model / generation parity tests (when time is left)
+#   9. a profiler trace of the cuDNN update step in $OUT/profile (when time is left)
 # Full logs go under $OUT; the summary is printed last.
 #   OUT=gpu_out bash experiments/gpu_check.sh
 set -u
@@ -51,6 +52,8 @@ step train_cudnn_dots 80 $PY -m experiments.bench_train --preset qwen3-0.6b --se
   --attention cudnn --remat dots
 JAX_DEFAULT_MATMUL_PRECISION=highest step tests_models_generate 150 $PY -m pytest tests/test_models.py \
   tests/test_generate.py -q -p no:cacheprovider
+step train_profile 70 $PY -m experiments.bench_train --preset qwen3-0.6b --seq 2048 --batch 8 --steps 2 \
+  --attention cudnn --profile "$OUT/profile"
 
 cat "$OUT/gpu.txt"
 for f in train_xla train_cudnn train_cudnn_dots; do echo "== $f"; grep -E "^step|exit|Error" "$OUT/$f.txt" | tail -n 3; done
