@@ -2,7 +2,7 @@
 import numpy as np
 import pytest
 
-from gopd_jax.envs import list_tasks, make_env
+from gopd_jax.envs import ENV_NAMES, list_tasks, make_env
 from gopd_jax.envs.replay import find_recording, load_recording
 from gopd_jax.experiment import ExperimentConfig
 
@@ -32,8 +32,11 @@ def test_replay_follows_the_recorded_engine(tasks):
     assert res.won and res.score == 100.0
 
 
-def test_replay_is_never_the_default():
+def test_replay_is_never_an_experiment_environment():
     assert ExperimentConfig.__dataclass_fields__["env"].default == "alfworld"
+    assert "alfworld_replay_bench" not in ENV_NAMES
+    with pytest.raises(ValueError, match="unknown environment 'alfworld_replay_bench'"):
+        ExperimentConfig(env="alfworld_replay_bench").validate()
 
 
 @pytest.mark.multidevice

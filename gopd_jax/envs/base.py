@@ -59,7 +59,8 @@ _REGISTRY: dict[str, tuple[str, str, str, tuple[str, ...]]] = {
     "alfworld_replay_bench": ("gopd_jax.envs.replay", "AlfWorldReplayEnv", "list_replay_tasks", ("valid_unseen",)),
 }
 
-ENV_NAMES = tuple(_REGISTRY)
+BENCHMARK_ONLY = ("alfworld_replay_bench",)  # makeable by name, never offered as an experiment's environment
+ENV_NAMES = tuple(name for name in _REGISTRY if name not in BENCHMARK_ONLY)
 
 
 def _entry(name: str):
