@@ -70,7 +70,7 @@ def exact_update_host_memory(where: str, rows: int, seq: int, micro_rows: int) -
     """One exact-estimator update of a small student against a small teacher (D 512, vocab 4096), with the
     teacher's hidden states made on the host for the whole batch ("host") or inside the step ("device")."""
     from gopd_jax import scoring, train
-    from gopd_jax.models import Qwen3Config, init_params, output_head
+    from gopd_jax.models import Qwen3Config, forward_hidden, init_params, output_head
 
     student = Qwen3Config(vocab_size=4096, hidden_size=128, intermediate_size=256, num_hidden_layers=2,
                           num_attention_heads=2, num_key_value_heads=1, head_dim=64)
@@ -86,12 +86,18 @@ def exact_update_host_memory(where: str, rows: int, seq: int, micro_rows: int) -
     t_params = init_params(teacher, jax.random.PRNGKey(1))
     optimizer = train.make_optimizer(1e-6)
     state = train.init_train_state(init_params(student, jax.random.PRNGKey(0)), optimizer, jax.random.PRNGKey(2))
-    loss = functools.partial(train.distill_loss_fn, config=student, loss_config=L.LossConfig(estimator="exact"),
-                             teacher_config=teacher)
-    step = train.jit_update_step(loss, optimizer, accum_steps=rows // micro_rows)
+    cfg = L.LossConfig(estimator="exact")
+    device_loss = functools.partial(train.distill_loss_fn, config=student, loss_config=cfg, teacher_config=teacher)
+
+    def host_loss(params, batch, beta, teacher_head):  # the earlier runner: hidden states arrive in the batch
+        return L.distill_loss(forward_hidden(params, student, batch["tokens"]), output_head(params, student), batch,
+                              beta, cfg, teacher_hidden=batch["teacher_hidden"], teacher_head=teacher_head)
+
+    step = train.jit_update_step(host_loss if where == "host" else device_loss, optimizer,
+                                 accum_steps=rows // micro_rows)
     tracemalloc.start()
     start = time.perf_counter()
-    if where == "host":  # what the runner did: float32 hidden states of every row, gathered on the host
+    if where == "host":  # float32 hidden states of every row, gathered on the host
         batch["teacher_hidden"] = np.concatenate([
             np.asarray(scoring.teacher_hidden(t_params, teacher, jnp.asarray(tokens[i:i + micro_rows])), np.float32)
             for i in range(0, rows, micro_rows)])

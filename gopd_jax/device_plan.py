@@ -155,7 +155,7 @@ class DevicePlan:
                  + (" (forced)" if self.forced else ""),
                  "  per device:"]
         lines += [f"    {name:<34}{g(v)}" for name, v in self.components.items()]
-        lines += [f"  phases: " + ", ".join(f"{k} {v / GIB:.2f}" for k, v in self.phases.items()) + " GiB"]
+        lines += ["  phases: " + ", ".join(f"{k} {v / GIB:.2f}" for k, v in self.phases.items()) + " GiB"]
         if not self.fits:
             lines.append(f"  WARNING: the estimated peak {self.phases['peak'] / GIB:.2f} GiB exceeds the budget "
                          f"{self.headroom * self.device_bytes / GIB:.2f} GiB")

@@ -39,6 +39,9 @@ class ExperimentConfig:
     clip_norm: float = 1.0
     micro_batch_rows: int = 8
     compute_dtype: str = "bfloat16"
+    # Device layout (gopd_jax.device_plan): "auto" takes the first that fits the memory plan printed at start.
+    teacher_layout: str = "auto"  # auto | replicated | tensor | expert
+    student_update: str = "auto"  # auto | pmap (data parallel, state replicated) | fsdp (state sharded)
     # Loss.
     estimator: str = "sampled"  # sampled | exact
     kl_variant: str = "default"  # default | swapped | both_reverse

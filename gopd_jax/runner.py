@@ -19,19 +19,19 @@ import numpy as np
 from tqdm.auto import trange
 
 from gopd_jax import batch as B
+from gopd_jax import device_plan as dp
+from gopd_jax import train
 from gopd_jax.checkpointing import Checkpointer
 from gopd_jax.envs import EnvPool, list_tasks
 from gopd_jax.evaluate import eval_tasks, evaluate_policy
 from gopd_jax.experiment import ExperimentConfig, save_config
 from gopd_jax.methods import Method, make_method
-from gopd_jax.models import load_hf_checkpoint, output_head, save_hf_checkpoint
+from gopd_jax.models import load_hf_checkpoint, save_hf_checkpoint
 from gopd_jax.records import EXPERT, STUDENT, TEACHER, Policy
 from gopd_jax.reporting import MetricsLogger, write_report
 from gopd_jax.rollout import RolloutConfig, RolloutRunner, env_kwargs
 from gopd_jax.scoring import check_compatible, score_batch
 from gopd_jax.tokenizer import load_tokenizer
-from gopd_jax.train import (distill_loss_fn, init_train_state, make_optimizer, merge_metrics, pmap_update_step,
-                            replicate, shard_batch, unreplicate, with_compute_dtype)
 
 
 def _rollout_record(episodes, trained) -> dict:
@@ -60,45 +60,64 @@ def run_experiment(cfg: ExperimentConfig) -> dict:
 
     tokenizer = load_tokenizer(cfg.tokenizer or cfg.student)
     compute_dtype = jnp.dtype(cfg.compute_dtype)
-    params, s_config = load_hf_checkpoint(cfg.student, dtype=jnp.float32)  # float32 master weights
-    t_params, t_config = load_hf_checkpoint(cfg.teacher, dtype=compute_dtype)
+    params, s_config = load_hf_checkpoint(cfg.student, dtype=jnp.float32, on_host=True)  # float32 master weights
+    # On the host first: a sharded teacher's weights go straight to their shards, never whole through device 0.
+    t_params, t_config = load_hf_checkpoint(cfg.teacher, dtype=compute_dtype, on_host=True)
     teacher_tok = (load_tokenizer(cfg.teacher) if (Path(cfg.teacher) / "tokenizer_config.json").is_file()
                    and not cfg.tokenizer else None)
     check_compatible(s_config, t_config, tokenizer, teacher_tok)
     if len(tokenizer) > s_config.vocab_size:
         raise ValueError(f"tokenizer {cfg.tokenizer or cfg.student!r} has {len(tokenizer)} tokens but the models' "
                          f"vocab_size is {s_config.vocab_size}: use the tokenizer the models were trained with")
-    teacher = Policy(t_params, t_config)
+    n_dev = jax.local_device_count()
+    plan = dp.make_plan(t_config, s_config, n_devices=n_dev, device_bytes=dp.device_memory_bytes(),
+                        rollout_rows=B.bucket(min(cfg.num_workers, cfg.batch_tasks), 1),
+                        max_prompt_tokens=cfg.max_prompt_tokens, max_new_tokens=cfg.max_new_tokens,
+                        micro_batch_rows=cfg.micro_batch_rows, teacher_dtype=compute_dtype,
+                        compute_dtype=compute_dtype, estimator=method.loss.estimator,
+                        teacher_layout=cfg.teacher_layout, student_update=cfg.student_update)
+    print(plan.describe(), flush=True)
+    teacher = Policy(dp.place_teacher(t_params, t_config, plan), t_config)
+    del t_params
     train_tasks = list_tasks(cfg.env, cfg.train_split, data_dir=cfg.data_dir or None)
     evaluation_tasks = eval_tasks(cfg)
 
-    n_dev = jax.local_device_count()
     rows_per_call = n_dev * cfg.micro_batch_rows
-    optimizer = make_optimizer(cfg.learning_rate, weight_decay=cfg.weight_decay, clip_norm=cfg.clip_norm)
-    state = init_train_state(params, optimizer, jax.random.PRNGKey(cfg.seed))
+    optimizer = train.make_optimizer(cfg.learning_rate, weight_decay=cfg.weight_decay, clip_norm=cfg.clip_norm)
+    state = train.init_train_state(params, optimizer, jax.random.PRNGKey(cfg.seed))
     ckpt = Checkpointer(out / "checkpoints", max_to_keep=cfg.keep_checkpoints)
     start = 0
     if ckpt.latest_step() is not None:
         state, extra = ckpt.restore(state)
         start = extra["next_step"]
         print(f"[{cfg.name}] resumed from checkpoint at step {start}", flush=True)
-    state = replicate(state)
-    loss_fn = with_compute_dtype(functools.partial(distill_loss_fn, config=s_config, loss_config=method.loss),
-                                 compute_dtype)
-    updates = {}  # accumulation steps -> compiled pmap step
-    loss_kw = {"teacher_head": output_head(t_params, t_config)} if method.loss.estimator == "exact" else {}
+    exact = method.loss.estimator == "exact"  # the teacher's hidden states are made per micro-batch on device
+    loss_fn = train.with_compute_dtype(functools.partial(
+        train.distill_loss_fn, config=s_config, loss_config=method.loss, teacher_config=t_config if exact else None),
+        compute_dtype)
+    loss_kw = {"teacher_params": teacher.params} if exact else {}
+    if plan.student_update == "fsdp":
+        mesh = plan.mesh("data")
+        state = train.fsdp_shard(state, mesh)
+        build = functools.partial(train.fsdp_update_step, loss_fn, optimizer, mesh)
+        metrics_of, to_host = (lambda m: m), jax.device_get
+    else:
+        mesh = None
+        state = train.replicate(state)
+        build = functools.partial(train.pmap_update_step, loss_fn, optimizer)
+        metrics_of, to_host = train.unreplicate, train.unreplicate
+    updates = {}  # accumulation steps -> compiled update step
 
     def student_policy():
-        host = unreplicate(state.params)
-        return Policy(jax.tree.map(lambda x: x.astype(compute_dtype), host), s_config)
+        return Policy(train.policy_params(state.params, compute_dtype, mesh), s_config)
 
     def update(state, part, beta):
         accum = part["tokens"].shape[0] // rows_per_call
         if accum not in updates:
-            updates[accum] = pmap_update_step(loss_fn, optimizer, accum_steps=accum)
+            updates[accum] = build(accum_steps=accum)
         weighted = B.normalise_masks(part, n_dev * accum, cfg.aggregation)
-        state, metrics = updates[accum](state, shard_batch(weighted, n_dev), beta=jnp.float32(beta), **loss_kw)
-        return state, unreplicate(metrics)
+        state, metrics = updates[accum](state, train.shard_batch(weighted, n_dev), beta=jnp.float32(beta), **loss_kw)
+        return state, metrics_of(metrics)
 
     logger = MetricsLogger(out, resume_from=start)
     base_key = jax.random.PRNGKey(cfg.seed)
@@ -138,7 +157,7 @@ def run_experiment(cfg: ExperimentConfig) -> dict:
                 for part in B.mini_batches(batch, len(trained), cfg.mini_batches, rows_per_call, parts_rng):
                     state, m = update(state, part, beta)
                     metrics.append(m)
-            record.update(merge_metrics(metrics))
+            record.update(train.merge_metrics(metrics))
             record.update({
                 "updates": len(metrics),
                 "n_student_tokens": float(batch["student_mask"].sum()),
@@ -153,12 +172,12 @@ def run_experiment(cfg: ExperimentConfig) -> dict:
             if cfg.eval_every and (step + 1) % cfg.eval_every == 0 and not done:
                 evaluate(step + 1)
             if done or (step + 1) % cfg.checkpoint_every == 0:
-                ckpt.save(step + 1, unreplicate(state), {"next_step": step + 1, "beta": beta, "config": cfg.to_json()})
+                ckpt.save(step + 1, to_host(state), {"next_step": step + 1, "beta": beta, "config": cfg.to_json()})
         final = evaluate(cfg.steps)
     ckpt.close()
     logger.close()
     # The trained student leaves in the format it came in: a Hugging Face checkpoint directory.
-    save_hf_checkpoint(unreplicate(state.params), s_config, out / "final_model")
+    save_hf_checkpoint(to_host(state.params), s_config, out / "final_model")
     tokenizer.save_pretrained(out / "final_model")
     (out / "final_eval.json").write_text(json.dumps(final, indent=2))
     write_report(out, cfg.name)

@@ -59,8 +59,8 @@ def score_batch(batch: dict, teacher, student, rows: int, loss_config: losses.Lo
 
     teacher / student: objects with .params and .config (records.Policy). Fills "teacher_logprobs" on the
     tokens that carry a sampled KL; for a reverse KL on teacher-owned tokens also the student's pre-update
-    log-probs there ("old_logprobs", the PPO ratio's denominator, fixed for every update of the step); for
-    the exact estimator "teacher_hidden" [B, T, D_teacher] float32."""
+    log-probs there ("old_logprobs", the PPO ratio's denominator, fixed for every update of the step). The
+    exact estimator's teacher forward runs inside the update step (train.distill_loss_fn(teacher_params=...))."""
     out = dict(batch)
     owned = batch["student_mask"] > 0
     if loss_config.teacher_kl == "reverse" and loss_config.estimator == "sampled":
@@ -70,10 +70,6 @@ def score_batch(batch: dict, teacher, student, rows: int, loss_config: losses.Lo
                                        batch["old_logprobs"])
     out["teacher_logprobs"] = (np.where(owned, batch_logprobs(teacher.params, teacher.config, batch, rows), 0.0)
                                .astype(np.float32) if owned.any() else np.zeros(owned.shape, np.float32))
-    if loss_config.estimator == "exact":
-        out["teacher_hidden"] = np.concatenate([
-            np.asarray(teacher_hidden(teacher.params, teacher.config, jnp.asarray(batch["tokens"][i:i + rows])),
-                       np.float32) for i in range(0, batch["tokens"].shape[0], rows)])
     return out
 
 

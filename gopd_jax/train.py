@@ -264,26 +264,26 @@ def sft_loss_fn(params, batch, config: Qwen3Config, chunk: int = losses.DEFAULT_
     return loss, {"n_tokens": jnp.sum(batch["loss_mask"].astype(jnp.float32))}
 
 
-def distill_loss_fn(params, batch, beta, teacher_head=None, teacher_params=None, *, config: Qwen3Config,
+def distill_loss_fn(params, batch, beta, teacher_params=None, *, config: Qwen3Config,
                     loss_config: losses.LossConfig = losses.LossConfig(), teacher_config: Optional[Qwen3Config] = None,
                     attention: str = "xla", remat: str = "none"):
     """The Guided-OPD loss of the student `params` on a rollout batch (see losses.distill_loss).
 
-    batch: "tokens" plus the owner masks and log-probs. The exact estimator needs the teacher's hidden
-    states: pass `teacher_params` (loss kwarg; bind `teacher_config`) and they are computed here, per
-    micro-batch on device and without gradient; or (older path) put "teacher_hidden" [B, T, D_teacher] in
-    the batch and pass `teacher_head`. Bind config, loss_config, teacher_config and the training options with
-    functools.partial; beta (traced) and teacher_params / teacher_head travel as loss kwargs."""
+    batch: "tokens" plus the owner masks and log-probs. The exact estimator needs the teacher: pass
+    `teacher_params` (loss kwarg; bind `teacher_config`) and its hidden states are computed here, per
+    micro-batch on device and without gradient, so no [B, T, D_teacher] array ever exists for the whole
+    batch. Bind config, loss_config, teacher_config and the training options with functools.partial; beta
+    (traced) and teacher_params travel as loss kwargs."""
     if teacher_params is not None and teacher_config is None:
         raise ValueError("teacher_params needs teacher_config (bind it with functools.partial)")
     hidden = forward_hidden(params, config, batch["tokens"], attention, remat)
-    t_hidden = batch.get("teacher_hidden")
+    t_hidden = t_head = None
     if teacher_params is not None:
         teacher_params = lax.stop_gradient(teacher_params)
         t_hidden = forward_hidden(teacher_params, teacher_config, batch["tokens"])
-        teacher_head = output_head(teacher_params, teacher_config)
+        t_head = output_head(teacher_params, teacher_config)
     return losses.distill_loss(hidden, output_head(params, config), batch, beta, loss_config,
-                               teacher_hidden=t_hidden, teacher_head=teacher_head)
+                               teacher_hidden=t_hidden, teacher_head=t_head)
 
 
 def with_compute_dtype(loss_fn: LossFn, dtype) -> LossFn:
