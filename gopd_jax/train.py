@@ -137,12 +137,12 @@ def make_update_step(loss_fn: LossFn, optimizer: optax.GradientTransformation, *
 MAX_CONSECUTIVE_SKIPS = 3
 
 
-def count_skips(consecutive: int, skipped: float, limit: int = MAX_CONSECUTIVE_SKIPS) -> int:
+def count_skips(consecutive: int, skipped: float, limit: int | None = None) -> int:
     """The number of consecutive skipped steps up to this one (`skipped`: the fraction of the step's updates
     skipped as non-finite; a step counts when all were); FloatingPointError once it reaches `limit`: a skipped
     update changes nothing, so a run that keeps skipping would train nothing to the end."""
     consecutive = consecutive + 1 if skipped >= 1.0 else 0
-    if consecutive >= limit:
+    if consecutive >= (limit or MAX_CONSECUTIVE_SKIPS):
         raise FloatingPointError(
             f"{consecutive} consecutive steps had a non-finite loss or gradient and were skipped, so nothing is being "
             "trained. Likely causes: student or teacher weights that overflow (check the checkpoints; try "

@@ -152,6 +152,19 @@ def test_restore_refuses_a_state_of_another_model(tmp_path):
     np.testing.assert_array_equal(restored["embed"], small["embed"])
 
 
+# ---- item 3: the stop after consecutive non-finite steps (end to end in test_runner_failures.py) ------------------
+
+def test_count_skips_stops_after_three_fully_skipped_steps():
+    from gopd_jax.train import count_skips
+
+    n = 0
+    for skipped in (1.0, 1.0, 0.0, 0.5, 1.0, 1.0):  # a good step resets; a partly skipped step is not skipped
+        n = count_skips(n, skipped)
+    assert n == 2
+    with pytest.raises(FloatingPointError, match="3 consecutive steps"):
+        count_skips(n, 1.0)
+
+
 # ---- item 9: a log line cut off by a kill -----------------------------------------------------------------------
 
 def test_cut_off_last_log_line_is_dropped_with_a_warning(tmp_path):
