@@ -80,7 +80,8 @@ def test_grid_refuses_a_finished_variant_of_another_experiment(models, tmp_path)
     done = dataclasses.replace(base, name="grid/opd", out_dir=str(tmp_path / "grid" / "opd"), method="opd", seed=1)
     os.makedirs(done.out_dir)
     (tmp_path / "grid" / "opd" / "config.json").write_text(done.to_json())
-    (tmp_path / "grid" / "opd" / "final_eval.json").write_text(json.dumps({"score": 1.0}))
+    (tmp_path / "grid" / "opd" / "final_eval.json").write_text(json.dumps(
+        {"score": 1.0, "success_rate": 0.0, "rounds": 2.0, "n": 2}))
     with pytest.raises(ValueError, match="seed: 1 there, 42 now"):
         run_variants(base, {"sft": dict(method="sft"), "opd": dict(method="opd")}, "t")
     assert not (tmp_path / "grid" / "sft").exists()  # refused before the first variant started
@@ -130,7 +131,7 @@ def test_nan_student_is_refused_before_any_work(models, tmp_path):
 def test_run_that_only_skips_steps_stops_naming_the_cause(models, tmp_path, monkeypatch):
     """A learning rate so high that the first update blows the weights up: every later update is non-finite
     and skipped, which used to run to the end and print a final evaluation."""
-    monkeypatch.setattr("gopd_jax.train.MAX_CONSECUTIVE_SKIPS", 2)  # 3 by default; fewer steps to run here
+    monkeypatch.setattr("gopd_jax.train.MAX_CONSECUTIVE_SKIPS", 2, raising=False)  # 3 by default; fewer steps here
     cfg = _config(models, tmp_path / "run", learning_rate=1e30, steps=5)
     with pytest.raises(FloatingPointError, match="2 consecutive steps had a non-finite loss.*--learning-rate"):
         run_experiment(cfg)
