@@ -98,7 +98,8 @@ class ExperimentConfig:
                 bad(field.name, f"expected a{' finite' if kind is float else ''} {kind.__name__}, got {value!r}")
         for field, choices in _choices().items():
             if getattr(self, field) not in choices:
-                bad(field, f"unknown value {getattr(self, field)!r}; choose one of {', '.join(choices)}")
+                noun = "environment" if field == "env" else field.replace("_", " ")
+                bad(field, f"unknown {noun} {getattr(self, field)!r}; choose one of {', '.join(choices)}")
         for field, (rule, holds) in _RANGES.items():
             if not holds(getattr(self, field)):
                 bad(field, f"must be {rule}, got {getattr(self, field)!r}")

@@ -78,7 +78,7 @@ def test_runner_trains_evaluates_reports_and_resumes(models, tmp_path):
 
 @pytest.mark.parametrize("field,value,message", [
     ("student", "/nonexistent/ckpt", "config field 'student'.*no config.json"),
-    ("env", "webshop2", "config field 'env'.*unknown value 'webshop2'; choose one of alfworld"),
+    ("env", "webshop2", "config field 'env'.*unknown environment"),
     ("eval_split", "valid_nowhere", "config field 'eval_split'"),
     ("method", "ppo", "config field 'method'"),
     ("temperature", 0.7, "config field 'temperature'.*biased.*--allow-biased-sampling"),
