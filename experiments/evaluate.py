@@ -11,26 +11,39 @@ import argparse
 import dataclasses
 import json
 
+from gopd_jax.envs import ENV_NAMES, env_splits
 from gopd_jax.evaluate import evaluate_checkpoint, evaluate_expert, format_table
-from gopd_jax.experiment import ExperimentConfig
+from gopd_jax.experiment import COMPUTE_DTYPES, ExperimentConfig, parse_bool
+
+
+def _at_least(low, kind=int):
+    """An argparse type: a number >= low (rejected at parse time, before any work)."""
+    def parse(text):
+        value = kind(text)
+        if not value >= low:
+            raise argparse.ArgumentTypeError(f"must be >= {low}, got {text}")
+        return value
+    return parse
 
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--env", default="alfworld")
+    ap.add_argument("--env", default="alfworld", choices=ENV_NAMES)
     ap.add_argument("--split", default="valid_unseen")
     ap.add_argument("--policy", required=True, help="'expert' or a Hugging Face checkpoint directory")
-    ap.add_argument("--limit", type=int, default=0, help="a seeded draw of N tasks stratified over task types (0: the whole split)")
-    ap.add_argument("--num-workers", type=int, default=4)
-    ap.add_argument("--temperature", type=float, default=0.4)
-    ap.add_argument("--max-turns", type=int, default=0, help="0: the paper's per-environment limit")
-    ap.add_argument("--max-new-tokens", type=int, default=512)
-    ap.add_argument("--think", type=lambda s: s.lower() in ("1", "true", "yes"), default=True)
+    ap.add_argument("--limit", type=_at_least(0), default=0, help="a seeded draw of N tasks stratified over task types (0: the whole split)")
+    ap.add_argument("--num-workers", type=_at_least(1), default=4)
+    ap.add_argument("--temperature", type=_at_least(0.0, float), default=0.4)
+    ap.add_argument("--max-turns", type=_at_least(0), default=0, help="0: the paper's per-environment limit")
+    ap.add_argument("--max-new-tokens", type=_at_least(1), default=512)
+    ap.add_argument("--think", type=parse_bool, default=True)
     ap.add_argument("--tokenizer", default="", help="default: the checkpoint's own")
     ap.add_argument("--data-dir", default="")
-    ap.add_argument("--dtype", default="bfloat16")
+    ap.add_argument("--dtype", default="bfloat16", choices=COMPUTE_DTYPES)
     ap.add_argument("--json", default="", help="also write the summary to this file")
     args = ap.parse_args(argv)
+    if args.split not in env_splits(args.env):
+        ap.error(f"--split {args.split!r} is not a {args.env} split; choose one of {', '.join(env_splits(args.env))}")
     if args.policy == "expert":
         summary = evaluate_expert(args.env, args.split, limit=args.limit or None, num_workers=args.num_workers,
                                   data_dir=args.data_dir or None)

@@ -1,15 +1,15 @@
 """Shared driver of the paper-table modules: a base config from the command line, a set of named variants,
-one runner call each (finished variants are skipped, so a grid resumes), and a markdown table of results."""
+one runner call each (finished variants of the same config are skipped, so a grid resumes; a variant directory
+holding another experiment is refused before anything runs), and a markdown table of results."""
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 from pathlib import Path
 
 from gopd_jax.experiment import ExperimentConfig, add_config_args, config_from_args
-from gopd_jax.reporting import markdown_table
+from gopd_jax.reporting import finished_run, markdown_table
 from gopd_jax.runner import run_experiment
 
 
@@ -27,12 +27,11 @@ def run_variants(base: ExperimentConfig, variants: dict[str, dict], title: str) 
     root = Path(base.out_dir)
     configs = {name: dataclasses.replace(base, name=f"{base.name}/{name}", out_dir=str(root / name), **over)
                for name, over in variants.items()}
-    for cfg in configs.values():
-        cfg.validate()  # every variant fails before the first one starts
-    results = {}
-    for name, cfg in configs.items():
-        done = Path(cfg.out_dir) / "final_eval.json"
-        results[name] = json.loads(done.read_text()) if done.is_file() else run_experiment(cfg)
+    for cfg in configs.values():  # every variant fails before the first one starts
+        cfg.validate()
+        finished_run(cfg)  # refuses a variant directory that holds another experiment
+    # A finished variant (same config) is a no-op that says so: the grid resumes where it stopped.
+    results = {name: run_experiment(cfg) for name, cfg in configs.items()}
     table = results_table(results, title)
     root.mkdir(parents=True, exist_ok=True)
     (root / "results.md").write_text(table)

@@ -116,12 +116,9 @@ def _teacher_config(mini: MiniConfig, vocab: int) -> Qwen3Config:
 
 
 def train_stage(cfg: ExperimentConfig) -> tuple[dict, str]:
-    """run_experiment, unless a finished result is already there (so the whole table resumes too)."""
-    done = Path(cfg.out_dir) / "final_eval.json"
-    if done.is_file():
-        return json.loads(done.read_text()), str(Path(cfg.out_dir) / "final_model")
-    summary = run_experiment(cfg)
-    return summary, str(Path(cfg.out_dir) / "final_model")
+    """run_experiment: a stage that finished with the same config is a no-op (so the whole table resumes
+    too); one made with other settings is refused."""
+    return run_experiment(cfg), str(Path(cfg.out_dir) / "final_model")
 
 
 def run(mini: MiniConfig) -> str:

@@ -38,14 +38,33 @@ class Checkpointer:
         """(state, extra) of checkpoint `step` (default: the latest), as host arrays.
 
         With `template_state` (e.g. a freshly initialised TrainState) the result has its exact pytree
-        structure and dtypes; without it, namedtuples come back as plain dicts/lists."""
+        structure and dtypes, and a checkpoint of another structure or shape (another model) is refused;
+        without it, namedtuples come back as plain dicts/lists."""
+        step = self._step(step)
+        template = None if template_state is None else jax.tree.map(np.asarray, jax.device_get(template_state))
+        try:
+            restored = self._manager.restore(step, args=ocp.args.Composite(
+                state=ocp.args.StandardRestore(template), extra=ocp.args.JsonRestore()))
+        except (ValueError, KeyError, TypeError) as e:
+            if template is None:
+                raise
+            raise ValueError(f"checkpoint {self._manager.directory}/{step} does not hold a state of this model's "
+                             f"structure ({type(e).__name__}: {e}); it was made by another model or optimizer: "
+                             "use a new output directory") from e
+        if template is not None:
+            check_shapes(restored.state, template, f"checkpoint {self._manager.directory}/{step}")
+        return restored.state, restored.extra
+
+    def extra(self, step: Optional[int] = None) -> dict:
+        """Only the JSON `extra` of checkpoint `step` (default: the latest): cheap, no arrays are read."""
+        step = self._step(step)
+        return self._manager.restore(step, args=ocp.args.Composite(extra=ocp.args.JsonRestore())).extra
+
+    def _step(self, step: Optional[int]) -> int:
         step = self.latest_step() if step is None else step
         if step is None:
             raise FileNotFoundError(f"no complete checkpoint in {self._manager.directory}")
-        template = None if template_state is None else jax.tree.map(np.asarray, jax.device_get(template_state))
-        restored = self._manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(template),
-                                                                      extra=ocp.args.JsonRestore()))
-        return restored.state, restored.extra
+        return step
 
     def latest_step(self) -> Optional[int]:
         return self._manager.latest_step()
@@ -61,3 +80,19 @@ class Checkpointer:
 
     def __exit__(self, *exc):
         self.close()
+
+
+def check_shapes(restored, template, source: str) -> None:
+    """Raise ValueError naming every leaf whose shape or dtype differs between `restored` and `template`
+    (orbax restores the saved shapes whatever the template says)."""
+    got = jax.tree_util.tree_flatten_with_path(restored)[0]
+    want = jax.tree_util.tree_flatten_with_path(template)[0]
+    if [p for p, _ in got] != [p for p, _ in want]:
+        raise ValueError(f"{source} holds a state of another structure than this model's: use a new output directory")
+    bad = [f"{jax.tree_util.keystr(p)}: saved {np.shape(a)} {np.asarray(a).dtype}, expected {np.shape(b)} "
+           f"{np.asarray(b).dtype}" for (p, a), (_, b) in zip(got, want)
+           if np.shape(a) != np.shape(b) or np.asarray(a).dtype != np.asarray(b).dtype]
+    if bad:
+        more = f"\n  ... and {len(bad) - 5} more" if len(bad) > 5 else ""
+        raise ValueError(f"{source} was saved for another model (different shapes):\n  " + "\n  ".join(bad[:5]) + more
+                         + "\nuse a new output directory for this model")

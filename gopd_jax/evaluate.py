@@ -100,11 +100,12 @@ def eval_tasks(cfg: ExperimentConfig) -> list[TaskSpec]:
 def evaluate_checkpoint(cfg: ExperimentConfig, checkpoint: str) -> dict:
     """Evaluate one Hugging Face checkpoint alone on cfg's eval tasks with cfg's rollout settings."""
     from gopd_jax.models import load_hf_checkpoint
-    from gopd_jax.tokenizer import load_tokenizer
+    from gopd_jax.tokenizer import check_fits, load_tokenizer
 
     cfg = dataclasses.replace(cfg, student=checkpoint, teacher=checkpoint).validate()
     params, config = load_hf_checkpoint(checkpoint, dtype=jnp.dtype(cfg.compute_dtype))
     tokenizer = load_tokenizer(cfg.tokenizer or checkpoint)
+    check_fits(tokenizer, config.vocab_size, cfg.tokenizer or checkpoint)
     with EnvPool(cfg.env, env_kwargs(cfg.env, expert=False), num_workers=cfg.num_workers) as pool:
         summary, _ = evaluate_policy(RolloutRunner(pool, tokenizer, RolloutConfig.from_experiment(cfg, True)),
                                      eval_tasks(cfg), Policy(params, config), jax.random.PRNGKey(cfg.seed),

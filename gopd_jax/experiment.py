@@ -5,11 +5,15 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import math
 import os
 import typing
 from pathlib import Path
 
 CURRICULA = ("cosine", "linear", "constant")
+ESTIMATORS = ("sampled", "exact")
+AGGREGATIONS = ("token_mean", "sequence_mean")
+COMPUTE_DTYPES = ("float32", "bfloat16", "float16")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -45,7 +49,7 @@ class ExperimentConfig:
     # Loss.
     estimator: str = "sampled"  # sampled | exact
     kl_variant: str = "default"  # default | swapped | both_reverse
-    aggregation: str = "token_mean"
+    aggregation: str = "token_mean"  # token_mean | sequence_mean
     clip_eps: float = 0.2
     # PPO-style updates per rollout batch: the batch is split into `mini_batches` parts, each one optimizer
     # step, repeated `ppo_epochs` times; p_S_old stays the sampling pass's, so the clip can act past the first.
@@ -72,6 +76,7 @@ class ExperimentConfig:
     keep_checkpoints: int = 3
     seed: int = 42
     progress: bool = True
+    resume_anyway: bool = False  # resume although run-only fields (RUN_ONLY_FIELDS) differ from the checkpoint's
 
     # ---- derived -------------------------------------------------------------------------------
 
@@ -79,26 +84,39 @@ class ExperimentConfig:
         return json.dumps(dataclasses.asdict(self), indent=2)
 
     def validate(self) -> "ExperimentConfig":
-        """Fail before any work starts, naming the field and the fix."""
-        from gopd_jax.envs import ENV_NAMES, env_splits
-        from gopd_jax.losses import KL_VARIANTS
-        from gopd_jax.methods import method_names
+        """Fail before any work starts, naming the field and the fix: types, choices, ranges, paths, data."""
+        from gopd_jax.envs import env_splits, list_tasks
 
         def bad(field, msg):
             raise ValueError(f"config field {field!r}: {msg}")
 
-        if self.method not in method_names():
-            bad("method", f"unknown method {self.method!r}; choose one of {', '.join(method_names())}")
-        if self.curriculum not in CURRICULA:
-            bad("curriculum", f"unknown curriculum {self.curriculum!r}; choose one of {', '.join(CURRICULA)}")
-        if self.env not in ENV_NAMES:
-            bad("env", f"unknown environment {self.env!r}; choose one of {', '.join(ENV_NAMES)}")
+        hints = typing.get_type_hints(ExperimentConfig)
+        for field in dataclasses.fields(self):
+            value, kind = getattr(self, field.name), hints[field.name]
+            ok = (isinstance(value, bool) if kind is bool else
+                  isinstance(value, int) and not isinstance(value, bool) if kind is int else
+                  isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+                  if kind is float else isinstance(value, kind))
+            if not ok:
+                bad(field.name, f"expected a{' finite' if kind is float else ''} {kind.__name__}, got {value!r}")
+        for field, choices in _choices().items():
+            if getattr(self, field) not in choices:
+                noun = "environment" if field == "env" else field.replace("_", " ")
+                bad(field, f"unknown {noun} {getattr(self, field)!r}; choose one of {', '.join(choices)}")
+        for field, (rule, holds) in _RANGES.items():
+            if not holds(getattr(self, field)):
+                bad(field, f"must be {rule}, got {getattr(self, field)!r}")
+        if self.estimator == "sampled" and not self.allow_biased_sampling:
+            for field, neutral in (("temperature", 1.0), ("top_p", 1.0), ("top_k", 0)):
+                if getattr(self, field) != neutral:
+                    bad(field, f"{getattr(self, field)!r} makes the sampled estimator biased: its p_S_old comes from "
+                               "the tempered / truncated sampling distribution while the ratio and the teacher's "
+                               f"log-probs use the untempered models; use {neutral!r}, --estimator exact, or "
+                               "--allow-biased-sampling true to train this way anyway")
         for field in ("train_split", "eval_split"):
             if getattr(self, field) not in env_splits(self.env):
                 bad(field, f"{getattr(self, field)!r} is not a {self.env} split; choose one of "
                            f"{', '.join(env_splits(self.env))}")
-        if self.kl_variant not in KL_VARIANTS:
-            bad("kl_variant", f"choose one of {', '.join(KL_VARIANTS)}")
         for field in ("student", "teacher"):
             path = getattr(self, field)
             if not path:
@@ -109,23 +127,93 @@ class ExperimentConfig:
         tok = self.tokenizer or self.student
         if not any((Path(tok) / f).is_file() for f in ("tokenizer.json", "tokenizer_config.json")):
             bad("tokenizer", f"no tokenizer files in {tok!r}; pass --tokenizer DIR")
-        if not 0 <= self.beta <= 1:
-            bad("beta", f"must be in [0, 1], got {self.beta}")
-        for field in ("steps", "batch_tasks", "micro_batch_rows", "num_workers", "max_new_tokens", "ppo_epochs",
-                      "mini_batches"):
-            if getattr(self, field) < 1:
-                bad(field, "must be >= 1")
-        if self.estimator == "sampled" and not self.allow_biased_sampling:
-            for field, neutral in (("temperature", 1.0), ("top_p", 1.0), ("top_k", 0)):
-                if getattr(self, field) != neutral:
-                    bad(field, f"{getattr(self, field)!r} makes the sampled estimator biased: its p_S_old comes from "
-                               "the tempered / truncated sampling distribution while the ratio and the teacher's "
-                               f"log-probs use the untempered models; use {neutral!r}, --estimator exact, or "
-                               "--allow-biased-sampling true to train this way anyway")
+        for split in dict.fromkeys((self.train_split, self.eval_split)):
+            try:
+                n = len(list_tasks(self.env, split, data_dir=self.data_dir or None))
+            except (OSError, ValueError) as e:
+                bad("data_dir", str(e))
+            if n == 0:
+                bad("data_dir", f"the {self.env} {split!r} split has no tasks; check --data-dir / the environment's data")
         return self
 
 
-def _parse_bool(text: str) -> bool:
+# Allowed values of the enum fields (imports deferred: jax and the env registry load only when validating).
+def _choices() -> dict[str, tuple[str, ...]]:
+    from gopd_jax.device_plan import STUDENT_UPDATES, TEACHER_LAYOUTS
+    from gopd_jax.envs import ENV_NAMES
+    from gopd_jax.losses import KL_VARIANTS
+    from gopd_jax.methods import method_names
+
+    return {"method": tuple(method_names()), "curriculum": CURRICULA, "env": ENV_NAMES, "estimator": ESTIMATORS,
+            "kl_variant": tuple(KL_VARIANTS), "aggregation": AGGREGATIONS, "compute_dtype": COMPUTE_DTYPES,
+            "teacher_layout": TEACHER_LAYOUTS, "student_update": STUDENT_UPDATES}
+
+
+def _at_least(low):
+    return f">= {low}", lambda v: v >= low
+
+
+# field -> (rule in words, predicate). A new numeric field gets one line here.
+_RANGES = {
+    "rho": ("in (0, 1]", lambda v: 0 < v <= 1),
+    "beta": ("in [0, 1]", lambda v: 0 <= v <= 1),
+    "clip_eps": ("in (0, 1)", lambda v: 0 < v < 1),
+    "learning_rate": ("> 0", lambda v: v > 0),
+    "weight_decay": _at_least(0),
+    "clip_norm": ("> 0", lambda v: v > 0),
+    "temperature": _at_least(0),  # 0: greedy
+    "top_p": ("in (0, 1]", lambda v: 0 < v <= 1),
+    "eval_temperature": _at_least(0),
+    **{f: _at_least(1) for f in ("steps", "batch_tasks", "micro_batch_rows", "max_new_tokens", "max_prompt_tokens",
+                                 "num_workers", "checkpoint_every", "keep_checkpoints", "ppo_epochs", "mini_batches")},
+    **{f: _at_least(0) for f in ("max_turns", "top_k", "k_history", "eval_every", "eval_limit", "seed")},
+}
+
+
+# Fields that change how a run is executed or logged, not what it computes: --resume-anyway accepts a change.
+RUN_ONLY_FIELDS = ("progress", "num_workers", "eval_every", "checkpoint_every", "keep_checkpoints", "teacher_layout",
+                   "student_update")
+_NOT_COMPARED = ("name", "out_dir", "resume_anyway")  # labels and switches, never part of the experiment
+
+
+# What a checkpoint's evaluation (runner.evaluate_checkpoint) depends on, besides the checkpoint itself.
+EVAL_FIELDS = ("student", "env", "eval_split", "eval_limit", "eval_temperature", "max_turns", "max_new_tokens",
+               "max_prompt_tokens", "k_history", "think", "tokenizer", "data_dir", "compute_dtype", "seed")
+
+
+def config_diff(saved: dict | str, cfg: ExperimentConfig, fields=None) -> dict[str, tuple]:
+    """field -> (saved value, cfg's value) for every compared field (default: all but labels) that differs.
+    A field the saved config lacks (added to ExperimentConfig later) counts as its default."""
+    saved = json.loads(saved) if isinstance(saved, str) else saved
+    defaults = dataclasses.asdict(ExperimentConfig())
+    return {k: (saved.get(k, defaults[k]), v) for k, v in dataclasses.asdict(cfg).items()
+            if (k in fields if fields else k not in _NOT_COMPARED) and saved.get(k, defaults[k]) != v}
+
+
+def check_resume(saved_config: dict | str | None, cfg: ExperimentConfig, allow_fields=RUN_ONLY_FIELDS,
+                 where: str = "the output directory") -> dict[str, tuple]:
+    """Refuse (ValueError listing the differing fields and the ways out) to continue or reuse the run made
+    with `saved_config` under `cfg`, unless they are the same experiment. Differences in `allow_fields` are
+    accepted when cfg.resume_anyway; they are returned."""
+    if saved_config is None:
+        if cfg.resume_anyway:
+            return {}
+        raise ValueError(f"{where} holds a run whose config was not saved, so it cannot be checked against this one: "
+                         "use a new --out-dir, or --resume-anyway to continue it unchecked")
+    diff = config_diff(saved_config, cfg)
+    blocking = [k for k in diff if not (cfg.resume_anyway and k in allow_fields)]
+    if not blocking:
+        return diff
+    lines = "\n".join(f"  {k}: {old!r} there, {new!r} now" for k, (old, new) in diff.items())
+    if all(k in allow_fields for k in diff):
+        way = "or pass --resume-anyway to continue it (these fields do not change the experiment)"
+    else:
+        way = f"--resume-anyway accepts differences only in {', '.join(allow_fields)}"
+    raise ValueError(f"{where} belongs to a different experiment; its config differs in:\n{lines}\n"
+                     f"Use a new --out-dir for this experiment; {way}.")
+
+
+def parse_bool(text: str) -> bool:
     if text.lower() in ("1", "true", "yes", "on"):
         return True
     if text.lower() in ("0", "false", "no", "off"):
@@ -138,9 +226,9 @@ def add_config_args(parser: argparse.ArgumentParser, defaults: ExperimentConfig)
     hints = typing.get_type_hints(ExperimentConfig)
     for field in dataclasses.fields(ExperimentConfig):
         kind = hints[field.name]
-        parser.add_argument(f"--{field.name.replace('_', '-')}", dest=field.name,
-                            type=_parse_bool if kind is bool else kind, default=getattr(defaults, field.name),
-                            help=f"(default: {getattr(defaults, field.name)!r})")
+        flag = dict(type=parse_bool, nargs="?", const=True) if kind is bool else dict(type=kind)  # --x == --x true
+        parser.add_argument(f"--{field.name.replace('_', '-')}", dest=field.name, **flag,
+                            default=getattr(defaults, field.name), help=f"(default: {getattr(defaults, field.name)!r})")
 
 
 def config_from_args(args: argparse.Namespace) -> ExperimentConfig:

@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
+import os
+import warnings
 from pathlib import Path
 
-TRAIN_LOG, EVAL_LOG = "metrics.jsonl", "eval.jsonl"
+TRAIN_LOG, EVAL_LOG, FINAL_EVAL, CONFIG = "metrics.jsonl", "eval.jsonl", "final_eval.json", "config.json"
 NAN = float("nan")  # steps skipped without an update log no loss
 
 
@@ -18,9 +21,57 @@ def markdown_table(header: list[str], rows: list[list]) -> str:
 
 
 def read_jsonl(path: Path) -> list[dict]:
+    """The records of a JSONL log. A cut-off last line (a kill mid-write) is dropped with a warning; a
+    damaged line elsewhere is an error naming the file and line."""
     if not path.is_file():
         return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    lines = [line for line in path.read_text().splitlines() if line.strip()]
+    records = []
+    for i, line in enumerate(lines):
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError as e:
+            if i < len(lines) - 1:
+                raise ValueError(f"{path}: line {i + 1} is not JSON ({e}); the log is damaged: repair or delete "
+                                 "the line, or start the run in a new directory") from e
+            warnings.warn(f"{path}: dropping a cut-off last line (the run was killed while writing it): {line[:80]!r}")
+    return records
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def logged_eval(out_dir: str | Path, step: int) -> dict | None:
+    """The evaluation logged at `step` (without its "step" key), or None: a run killed after logging its
+    final evaluation reuses it instead of evaluating (and logging) it twice."""
+    found = [r for r in read_jsonl(Path(out_dir) / EVAL_LOG) if r["step"] == step]
+    return {k: v for k, v in found[-1].items() if k != "step"} if found else None
+
+
+def write_final_eval(out_dir: str | Path, summary: dict) -> None:
+    """final_eval.json, written atomically and last: its presence marks a finished run."""
+    _write_atomic(Path(out_dir) / FINAL_EVAL, json.dumps(summary, indent=2))
+
+
+def finished_run(cfg) -> dict | None:
+    """The final evaluation of the run in cfg.out_dir if that run finished as the same experiment as `cfg`;
+    None if nothing finished there. A directory that holds a finished or checkpointed run made with another
+    config is refused (ValueError naming the differing fields), so grids never reuse another experiment."""
+    from gopd_jax.experiment import check_resume
+
+    out = Path(cfg.out_dir)
+    finished = (out / FINAL_EVAL).is_file()
+    started = (out / "checkpoints").is_dir() and any(p.name.isdigit() for p in (out / "checkpoints").iterdir())
+    if not (finished or started):
+        return None
+    saved = json.loads((out / CONFIG).read_text()) if (out / CONFIG).is_file() else None
+    # A finished result does not depend on the run-only fields (workers, progress, ...).
+    lenient = finished and saved is not None
+    check_resume(saved, dataclasses.replace(cfg, resume_anyway=cfg.resume_anyway or lenient), where=str(out))
+    return json.loads((out / FINAL_EVAL).read_text()) if finished else None
 
 
 def _rewrite_upto(path: Path, keep) -> None:

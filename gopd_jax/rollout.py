@@ -22,7 +22,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from gopd_jax.batch import bucket
-from gopd_jax.envs import EnvPool, StepResult, TaskSpec
+from gopd_jax.envs import EnvPool, StepResult, TaskSpec, failed_step_result
 from gopd_jax.envs.prompting import MAX_TURNS, fit_prompt, invalid_step_result, is_admissible, parse_action
 from gopd_jax.generate import SamplingConfig, generate
 from gopd_jax.records import STUDENT, TEACHER, Episode, EpisodeResult, ExpertPolicy, Policy, Turn
@@ -215,7 +215,12 @@ class RolloutRunner:
                     if first.done or not len(ep.owners):  # the environment died during reset, or no turn to play
                         finish(slot, ep)
                     elif any(isinstance(p, ExpertPolicy) for p in policies.values()):
-                        ep.expert_actions = pool.expert_actions(slot)
+                        try:
+                            ep.expert_actions = pool.expert_actions(slot)
+                        except RuntimeError as e:  # the worker died or hung: the episode is lost, like a step
+                            ep.last = failed_step_result(str(e))
+                            finish(slot, ep)
+                            continue
                         if all(isinstance(p, ExpertPolicy) for p in policies.values()):
                             ep.owners = ep.owners[:len(ep.expert_actions)]  # the expert's plan is the episode
                             if not len(ep.owners):

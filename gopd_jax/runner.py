@@ -9,7 +9,6 @@ and PRNG key of step s are functions of (seed, s), so the resumed run replays wh
 from __future__ import annotations
 
 import functools
-import json
 import time
 from pathlib import Path
 
@@ -24,14 +23,14 @@ from gopd_jax import train
 from gopd_jax.checkpointing import Checkpointer
 from gopd_jax.envs import EnvPool, list_tasks
 from gopd_jax.evaluate import eval_tasks, evaluate_policy
-from gopd_jax.experiment import ExperimentConfig, save_config
+from gopd_jax.experiment import ExperimentConfig, check_resume, save_config
 from gopd_jax.methods import Method, make_method
 from gopd_jax.models import load_hf_checkpoint, save_hf_checkpoint
 from gopd_jax.records import EXPERT, STUDENT, TEACHER, Policy
-from gopd_jax.reporting import MetricsLogger, write_report
+from gopd_jax.reporting import FINAL_EVAL, MetricsLogger, finished_run, logged_eval, write_final_eval, write_report
 from gopd_jax.rollout import RolloutConfig, RolloutRunner, env_kwargs
 from gopd_jax.scoring import check_compatible, score_batch
-from gopd_jax.tokenizer import load_tokenizer
+from gopd_jax.tokenizer import check_fits, load_tokenizer
 
 
 def _rollout_record(episodes, trained) -> dict:
@@ -55,8 +54,9 @@ def run_experiment(cfg: ExperimentConfig) -> dict:
     cfg.validate()
     method: Method = make_method(cfg)
     out = Path(cfg.out_dir)
-    save_config(cfg, out)
-    print(f"[{cfg.name}] {cfg.method}: config in {out / 'config.json'}", flush=True)
+    if (done := finished_run(cfg)) is not None:
+        print(f"[{cfg.name}] already finished ({out / FINAL_EVAL}); nothing to do", flush=True)
+        return done
 
     tokenizer = load_tokenizer(cfg.tokenizer or cfg.student)
     compute_dtype = jnp.dtype(cfg.compute_dtype)
@@ -66,9 +66,7 @@ def run_experiment(cfg: ExperimentConfig) -> dict:
     teacher_tok = (load_tokenizer(cfg.teacher) if (Path(cfg.teacher) / "tokenizer_config.json").is_file()
                    and not cfg.tokenizer else None)
     check_compatible(s_config, t_config, tokenizer, teacher_tok)
-    if len(tokenizer) > s_config.vocab_size:
-        raise ValueError(f"tokenizer {cfg.tokenizer or cfg.student!r} has {len(tokenizer)} tokens but the models' "
-                         f"vocab_size is {s_config.vocab_size}: use the tokenizer the models were trained with")
+    check_fits(tokenizer, s_config.vocab_size, cfg.tokenizer or cfg.student)
     n_dev = jax.local_device_count()
     plan = dp.make_plan(t_config, s_config, n_devices=n_dev, device_bytes=dp.device_memory_bytes(),
                         rollout_rows=B.bucket(min(cfg.num_workers, cfg.batch_tasks), 1),
@@ -88,9 +86,12 @@ def run_experiment(cfg: ExperimentConfig) -> dict:
     ckpt = Checkpointer(out / "checkpoints", max_to_keep=cfg.keep_checkpoints)
     start = 0
     if ckpt.latest_step() is not None:
-        state, extra = ckpt.restore(state)
+        check_resume(ckpt.extra().get("config"), cfg, where=str(out / "checkpoints"))
+        state, extra = ckpt.restore(state)  # shape-checked against this student
         start = extra["next_step"]
         print(f"[{cfg.name}] resumed from checkpoint at step {start}", flush=True)
+    save_config(cfg, out)  # only now: a refused resume leaves the old run's config in place
+    print(f"[{cfg.name}] {cfg.method}: config in {out / 'config.json'}", flush=True)
     exact = method.loss.estimator == "exact"  # the teacher's hidden states are made per micro-batch on device
     loss_fn = train.with_compute_dtype(functools.partial(
         train.distill_loss_fn, config=s_config, loss_config=method.loss, teacher_config=t_config if exact else None),
@@ -121,6 +122,7 @@ def run_experiment(cfg: ExperimentConfig) -> dict:
 
     logger = MetricsLogger(out, resume_from=start)
     base_key = jax.random.PRNGKey(cfg.seed)
+    skips = 0  # consecutive non-finite steps
     # Task ids carry the data path, so workers need no data_dir.
     with EnvPool(cfg.env, env_kwargs(cfg.env, expert=method.expert_plays), num_workers=cfg.num_workers) as pool:
         runner = RolloutRunner(pool, tokenizer, RolloutConfig.from_experiment(cfg))
@@ -168,17 +170,19 @@ def run_experiment(cfg: ExperimentConfig) -> dict:
                 "kl_by_turn": B.kl_by_turn(trained, batch, turn_limit),
             })
             logger.log_train(record)
+            skips = train.count_skips(skips, record["skipped"])
             done = step + 1 == cfg.steps
             if cfg.eval_every and (step + 1) % cfg.eval_every == 0 and not done:
                 evaluate(step + 1)
             if done or (step + 1) % cfg.checkpoint_every == 0:
                 ckpt.save(step + 1, to_host(state), {"next_step": step + 1, "beta": beta, "config": cfg.to_json()})
-        final = evaluate(cfg.steps)
+        # A run killed after logging its final evaluation reuses it rather than logging a second one.
+        final = (logged_eval(out, cfg.steps) if start == cfg.steps else None) or evaluate(cfg.steps)
     ckpt.close()
     logger.close()
     # The trained student leaves in the format it came in: a Hugging Face checkpoint directory.
     save_hf_checkpoint(to_host(state.params), s_config, out / "final_model")
     tokenizer.save_pretrained(out / "final_model")
-    (out / "final_eval.json").write_text(json.dumps(final, indent=2))
     write_report(out, cfg.name)
+    write_final_eval(out, final)  # last: marks the run finished
     return final

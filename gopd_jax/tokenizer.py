@@ -62,6 +62,13 @@ def load_tokenizer(path: str | os.PathLike):
     return AutoTokenizer.from_pretrained(path, local_files_only=True)
 
 
+def check_fits(tokenizer, vocab_size: int, source: str) -> None:
+    """A tokenizer with ids beyond the model's embedding table would index garbage rows: refuse it."""
+    if len(tokenizer) > vocab_size:
+        raise ValueError(f"tokenizer {source!r} has {len(tokenizer)} tokens but the model's vocab_size is {vocab_size}: "
+                         "use the tokenizer the model was trained with")
+
+
 def render_chat(tokenizer, messages: list[dict], *, add_generation_prompt: bool = True,
                 enable_thinking: bool = True) -> list[int]:
     """Chat messages -> prompt token ids via the tokenizer's own chat template."""

@@ -134,6 +134,22 @@ def make_update_step(loss_fn: LossFn, optimizer: optax.GradientTransformation, *
     return step
 
 
+MAX_CONSECUTIVE_SKIPS = 3
+
+
+def count_skips(consecutive: int, skipped: float, limit: int | None = None) -> int:
+    """The number of consecutive skipped steps up to this one (`skipped`: the fraction of the step's updates
+    skipped as non-finite; a step counts when all were); FloatingPointError once it reaches `limit`: a skipped
+    update changes nothing, so a run that keeps skipping would train nothing to the end."""
+    consecutive = consecutive + 1 if skipped >= 1.0 else 0
+    if consecutive >= (limit or MAX_CONSECUTIVE_SKIPS):
+        raise FloatingPointError(
+            f"{consecutive} consecutive steps had a non-finite loss or gradient and were skipped, so nothing is being "
+            "trained. Likely causes: student or teacher weights that overflow (check the checkpoints; try "
+            "--compute-dtype float32), or a learning rate so high that an update diverged (lower --learning-rate).")
+    return consecutive
+
+
 def jit_update_step(loss_fn: LossFn, optimizer: optax.GradientTransformation, *, accum_steps: int = 1):
     """Single-device update step, jitted, with the state donated."""
     return jax.jit(make_update_step(loss_fn, optimizer, axis_name=None, accum_steps=accum_steps),

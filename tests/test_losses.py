@@ -1,4 +1,5 @@
 """gopd_jax.losses against independent float64 numpy references (jax runs in float32; tolerances ~1e-5)."""
+import dataclasses
 import itertools
 import json
 
@@ -9,6 +10,7 @@ import pytest
 
 from experiments import ablation_kl
 from gopd_jax import losses as L
+from gopd_jax.experiment import ExperimentConfig, save_config
 
 B, T, D, DT, V = 3, 9, 6, 4, 13
 RTOL, ATOL = 2e-5, 2e-6
@@ -474,15 +476,21 @@ def test_ablation_kl_defaults_to_exact_and_states_the_sampled_approximations(tmp
         (tmp_path / d).mkdir()
         for f in ("config.json", "tokenizer_config.json"):
             (tmp_path / d / f).write_text("{}")
-    out = tmp_path / "runs"
-    for i, name in enumerate(ablation_kl.VARIANTS):
-        (out / name).mkdir(parents=True)
-        (out / name / "final_eval.json").write_text(json.dumps(dict(score=10.0 + i, success_rate=5.0, rounds=7.0, n=4)))
-    argv = ["--student", str(tmp_path / "student"), "--teacher", str(tmp_path / "teacher"), "--out-dir", str(out)]
+    models = dict(student=str(tmp_path / "student"), teacher=str(tmp_path / "teacher"))
+    argv = ["--student", models["student"], "--teacher", models["teacher"]]
     for estimator in ("exact", "sampled"):
-        ablation_kl.main(argv + ["--estimator", estimator])
+        out = tmp_path / "runs" / estimator
+        base = ExperimentConfig(name="ablation_kl", out_dir=str(out), estimator=estimator, **models)
+        for i, (name, over) in enumerate(ablation_kl.VARIANTS.items()):  # finished with the requested config
+            run = dataclasses.replace(base, name=f"ablation_kl/{name}", out_dir=str(out / name), **over)
+            save_config(run, run.out_dir)
+            (out / name / "final_eval.json").write_text(json.dumps(dict(score=10.0 + i, success_rate=5.0, rounds=7.0,
+                                                                        n=4)))
+        ablation_kl.main(argv + ["--out-dir", str(out), "--estimator", estimator])
         results = (out / "results.md").read_text()
         assert "| swapped | 11.00 |" in results and results.count("Estimator:") == 1
         assert ablation_kl.ESTIMATOR_NOTES[estimator] in results
+    with pytest.raises(ValueError, match="estimator: 'exact' there, 'sampled' now"):  # never another experiment's
+        ablation_kl.main(argv + ["--out-dir", str(tmp_path / "runs" / "exact"), "--estimator", "sampled"])
     with pytest.raises(ValueError, match="estimator must be one of"):
         ablation_kl.main(argv + ["--estimator", "mc"])

@@ -6,6 +6,7 @@ Games are loaded straight from `game.tw-pddl` files (self-contained: domain, gra
 from __future__ import annotations
 
 import json
+import lzma
 import os
 import re
 import shutil
@@ -43,8 +44,13 @@ def _unpack_once(archive: Path, dest: Path) -> None:
     dest.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=".alfworld-unpack-", dir=dest.parent))
     try:
-        with tarfile.open(archive, "r:xz") as tar:
-            tar.extractall(tmp, filter="data")
+        try:
+            with tarfile.open(archive, "r:xz") as tar:
+                tar.extractall(tmp, filter="data")
+        except (tarfile.TarError, lzma.LZMAError, EOFError) as e:
+            raise RuntimeError(f"{archive}: cannot unpack the ALFWorld archive ({type(e).__name__}: {e}); it is damaged "
+                               "or incomplete: copy it again, or run `alfworld-download` and set ALFWORLD_DATA to the "
+                               "folder that contains json_2.1.1/") from e
         try:
             os.rename(tmp, dest)
         except OSError:  # another process finished first
@@ -88,6 +94,10 @@ def task_type_of(game_file: str | os.PathLike) -> str:
 def list_alfworld_tasks(split: str, data_dir: str | None = None) -> list[TaskSpec]:
     split_dir = resolve_data_dir(data_dir) / "json_2.1.1" / split
     games = sorted(str(p) for p in split_dir.glob("*/*/game.tw-pddl"))
+    if not games:
+        raise FileNotFoundError(f"no ALFWorld games (<task>/<trial>/game.tw-pddl) in {split_dir}: the data is missing "
+                                "or incomplete; run `alfworld-download`, or point ALFWORLD_DATA / --data-dir at a "
+                                "complete folder that contains json_2.1.1/")
     return [TaskSpec(ENV_NAME, split, g, task_type_of(g)) for g in games]
 
 

@@ -7,10 +7,14 @@ its slot gets a terminal `env_failed` StepResult, so an episode is never silentl
 from __future__ import annotations
 
 import multiprocessing as mp
+import os
 import signal
+import sys
+import tempfile
 import time
 import traceback
 from multiprocessing.connection import wait
+from pathlib import Path
 from typing import Any
 
 from gopd_jax.envs.base import StepResult, TaskSpec, env_splits, failed_step_result, make_env
@@ -19,9 +23,35 @@ from gopd_jax.envs.base import StepResult, TaskSpec, env_splits, failed_step_res
 _CTX = mp.get_context("spawn")
 _STARTUP_ALLOWANCE_S = 120.0  # extra time for a fresh worker's imports and env construction
 _WAIT_MODES = ("all", "any", "none")
+# Set only while the parent starts a worker: the file where that worker reports an error raised before
+# `_worker_main` runs (spawn first re-runs the parent's main script in the worker, which can fail).
+_STARTUP_REPORT = "GOPD_JAX_WORKER_STARTUP_REPORT"
+_NO_MAIN_GUARD = "finished its bootstrapping phase"  # multiprocessing's error when a worker re-runs the start
+_STARTUP_ERROR = "its error while starting"
+
+
+def _report_startup_errors() -> None:
+    """In a starting worker, also write an uncaught exception's traceback to the parent's report file."""
+    path, previous = os.environ.get(_STARTUP_REPORT), sys.excepthook
+    if not path:
+        return
+
+    def hook(kind, value, tb):
+        try:
+            with open(path, "w") as f:
+                f.write("".join(traceback.format_exception(kind, value, tb)))
+        except OSError:
+            pass
+        previous(kind, value, tb)
+
+    sys.excepthook = hook
+
+
+_report_startup_errors()  # runs when a starting worker imports this module, i.e. during its bootstrap
 
 
 def _worker_main(conn, env_name: str, env_kwargs: dict) -> None:
+    os.environ.pop(_STARTUP_REPORT, None)  # started: errors from here on go through the pipe
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the parent's to handle
     env, start_error = None, None
     try:
@@ -52,7 +82,16 @@ class _Worker:
     def __init__(self, env_name: str, env_kwargs: dict):
         self.conn, child_conn = _CTX.Pipe()
         self.process = _CTX.Process(target=_worker_main, args=(child_conn, env_name, env_kwargs), daemon=True)
-        self.process.start()
+        fd, self.report = tempfile.mkstemp(prefix="gopd_jax_worker_", suffix=".txt")
+        os.close(fd)
+        os.environ[_STARTUP_REPORT] = self.report  # inherited by the spawned interpreter only
+        try:
+            self.process.start()
+        except BaseException:
+            Path(self.report).unlink(missing_ok=True)
+            raise
+        finally:
+            os.environ.pop(_STARTUP_REPORT, None)
         child_conn.close()
         self.fresh = True  # its first request also pays for start-up
         self.pending: tuple[str, float] | None = None  # (method, deadline)
@@ -61,6 +100,18 @@ class _Worker:
         self.process.kill()  # SIGKILL also ends a SIGSTOPped process
         self.process.join(10)
         self.conn.close()
+        Path(self.report).unlink(missing_ok=True)
+
+    def death_reason(self) -> str:
+        """Why the process died without answering, with its own error text when it died while starting."""
+        self.process.join(1)
+        reason = f"worker process died (exit code {self.process.exitcode})"
+        report = Path(self.report).read_text().strip() if Path(self.report).is_file() else ""
+        if _NO_MAIN_GUARD in report:
+            reason += (": the script that started it has no `if __name__ == \"__main__\":` guard; workers are "
+                       "spawned and re-run that script, so put its top-level work (run_experiment, EnvPool, ...) "
+                       "under such a guard")
+        return reason + (f"; {_STARTUP_ERROR}:\n{report}" if report else "")
 
 
 class EnvPool:
@@ -73,12 +124,14 @@ class EnvPool:
         self.restarts = 0
         self._workers = [_Worker(env_name, self.env_kwargs) for _ in range(num_workers)]
         failed = self._run({s: ("ping", ()) for s in self.slots})
-        # A failed worker was already replaced; ping the replacements once before giving up.
-        failed = self._run({s: ("ping", ()) for s, (status, _) in failed.items() if status != "ok"})
+        # A failed worker was already replaced; ping the replacements once before giving up (unless it
+        # failed in its own start-up code, which a retry repeats).
+        if not any(_STARTUP_ERROR in str(value) for _, value in failed.values()):
+            failed = self._run({s: ("ping", ()) for s, (status, _) in failed.items() if status != "ok"})
         for slot, (status, value) in failed.items():
             if status != "ok":
                 self.close()
-                raise RuntimeError(f"{env_name} worker {slot} failed to start twice:\n{value}")
+                raise RuntimeError(f"{env_name} worker {slot} failed to start:\n{value}")
 
     @property
     def slots(self) -> range:
@@ -185,9 +238,7 @@ class EnvPool:
                         worker.pending = None
                         done[slot] = (method, "ok", value)
                         continue
-                    if value is None:
-                        worker.process.join(1)
-                    reason = value or f"worker process died (exit code {worker.process.exitcode})"
+                    reason = value or worker.death_reason()
                 elif time.monotonic() >= worker.pending[1]:
                     reason = f"timed out after {self.timeouts[method]:.0f} s"
                 else:

@@ -29,20 +29,64 @@ SINGLE_FILE = "model.safetensors"
 
 # ---- safetensors format ------------------------------------------------------------------------
 
+_LFS_POINTER = b"version https://git-lfs"
+_REFETCH = "re-download the checkpoint (e.g. `huggingface-cli download`)"
+
+
+def _damaged(path: Path, what: str) -> ValueError:
+    return ValueError(f"{path}: {what}; the file is damaged or incomplete: {_REFETCH}")
+
+
 def read_safetensors(path: Path) -> dict[str, np.ndarray]:
-    """Memory-mapped arrays of one .safetensors file (8-byte header length, JSON header, raw data)."""
+    """Memory-mapped arrays of one .safetensors file (8-byte header length, JSON header, raw data).
+    The header and every tensor's byte range are checked against the file's size before any array is made."""
+    size = os.path.getsize(path)
     with open(path, "rb") as f:
-        (n,) = struct.unpack("<Q", f.read(8))
-        header = json.loads(f.read(n))
+        head = f.read(8)
+        if head + f.read(len(_LFS_POINTER) - 8) == _LFS_POINTER:
+            raise ValueError(f"{path} is a git-lfs pointer file, not the weights: run `git lfs pull` in the checkpoint's "
+                             f"repository, or {_REFETCH}")
+        if len(head) < 8:
+            raise _damaged(path, f"only {size} bytes, too short for a safetensors header")
+        (n,) = struct.unpack("<Q", head)
+        if n > size - 8:
+            raise _damaged(path, f"the header claims {n} bytes but the file holds {size}")
+        f.seek(8)
+        try:
+            header = json.loads(f.read(n))
+        except (UnicodeDecodeError, json.JSONDecodeError) as e:
+            raise _damaged(path, f"unreadable header ({e})") from e
+    if not isinstance(header, dict):
+        raise _damaged(path, "the header is not a JSON object")
     header.pop("__metadata__", None)
-    raw = np.memmap(path, dtype=np.uint8, mode="r", offset=8 + n)
+    data_bytes = size - 8 - n
+    raw = np.memmap(path, dtype=np.uint8, mode="r", offset=8 + n) if data_bytes else np.zeros(0, np.uint8)
     out = {}
     for name, meta in header.items():
-        if meta["dtype"] not in _DTYPES:
-            raise ValueError(f"{path}: tensor {name!r} has unsupported dtype {meta['dtype']}")
-        start, end = meta["data_offsets"]
-        out[name] = raw[start:end].view(_DTYPES[meta["dtype"]]).reshape(meta["shape"])
+        try:
+            dtype, shape, (start, end) = meta["dtype"], [int(d) for d in meta["shape"]], meta["data_offsets"]
+        except (KeyError, TypeError, ValueError) as e:
+            raise _damaged(path, f"tensor {name!r} has a malformed header entry {meta!r}") from e
+        if dtype not in _DTYPES:
+            raise ValueError(f"{path}: tensor {name!r} has unsupported dtype {dtype}")
+        nbytes = int(np.prod(shape, dtype=np.int64)) * np.dtype(_DTYPES[dtype]).itemsize
+        if not 0 <= start <= end or end - start != nbytes:
+            raise _damaged(path, f"tensor {name!r} ({dtype} {shape}) spans bytes [{start}, {end}), not {nbytes} bytes")
+        if end > data_bytes:
+            raise _damaged(path, f"tensor {name!r} ends at byte {end} of the data but the file holds {data_bytes} "
+                                 "(truncated)")
+        out[name] = raw[start:end].view(_DTYPES[dtype]).reshape(shape)
     return out
+
+
+def _read_json(path: Path, what: str) -> dict:
+    try:
+        value = json.loads(path.read_text())
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ValueError(f"{path}: not valid JSON ({e}); {what} is damaged: {_REFETCH}") from e
+    if not isinstance(value, dict):
+        raise ValueError(f"{path}: expected a JSON object; {what} is damaged: {_REFETCH}")
+    return value
 
 
 def write_safetensors(path: Path, tensors: dict[str, np.ndarray]) -> None:
@@ -123,13 +167,20 @@ def load_hf_config(path: str | os.PathLike) -> Qwen3Config:
     if not cfg_file.is_file():
         raise FileNotFoundError(f"{cfg_file} not found: a Hugging Face checkpoint directory needs config.json "
                                 "(download the model with `huggingface-cli download` or point at the right folder)")
-    return Qwen3Config.from_hf_dict(json.loads(cfg_file.read_text()), source=str(cfg_file))
+    hf = _read_json(cfg_file, "the model config")
+    try:
+        return Qwen3Config.from_hf_dict(hf, source=str(cfg_file))
+    except KeyError as e:
+        raise ValueError(f"{cfg_file}: required field {e.args[0]!r} is missing; it is not a complete Qwen3 "
+                         f"config.json: {_REFETCH}") from e
 
 
 def _open_tensors(path: Path) -> tuple[dict[str, np.ndarray], dict[str, str]]:
     """All tensors of a checkpoint (memory-mapped) and the file each came from."""
     if (path / INDEX_FILE).is_file():
-        weight_map = json.loads((path / INDEX_FILE).read_text())["weight_map"]
+        weight_map = _read_json(path / INDEX_FILE, "the shard index").get("weight_map")
+        if not isinstance(weight_map, dict):
+            raise ValueError(f"{path / INDEX_FILE}: no 'weight_map' object; the shard index is damaged: {_REFETCH}")
         files = sorted(set(weight_map.values()))
     elif (path / SINGLE_FILE).is_file():
         files = [SINGLE_FILE]
@@ -174,6 +225,7 @@ def load_hf_checkpoint(path: str | os.PathLike, dtype=jnp.bfloat16, on_host: boo
     tensors, source = _open_tensors(path)
     params = _skeleton(config)
     experts: dict[tuple, list] = {}
+    finite = {}  # name -> bool (on device: fetched once at the end, no host sync per tensor)
     for name, tree_path, kind, shape in _tensor_specs(config):
         if name not in tensors:
             raise KeyError(f"{path}: tensor {name!r} (shape {shape}) is missing from the checkpoint; "
@@ -182,14 +234,22 @@ def load_hf_checkpoint(path: str | os.PathLike, dtype=jnp.bfloat16, on_host: boo
         if tuple(a.shape) != shape:
             raise ValueError(f"{path / source[name]}: tensor {name!r} has shape {tuple(a.shape)}, expected {shape} "
                              "from config.json")
+        x = xp.asarray(a, dtype)
+        finite[name] = xp.isfinite(x).all()
         if kind == "copy":
-            _set(params, tree_path, xp.asarray(a, dtype))
+            _set(params, tree_path, x)
         elif kind == "linear":
-            _set(params, tree_path, xp.asarray(a, dtype).T)
+            _set(params, tree_path, x.T)
         else:
-            experts.setdefault(tree_path, []).append(xp.asarray(a, dtype).T)
+            experts.setdefault(tree_path, []).append(x.T)
     for tree_path, per_expert in experts.items():
         _set(params, tree_path, xp.stack(per_expert))
+    # A NaN/Inf weight would make every training step non-finite (and be skipped) or every sample garbage.
+    bad = [name for name, ok in jax.device_get(finite).items() if not ok]
+    if bad:
+        raise ValueError(f"{path}: {len(bad)} tensor(s) hold NaN or Inf values as {jnp.dtype(dtype).name} "
+                         f"({', '.join(bad[:3])}{', ...' if len(bad) > 3 else ''}): the checkpoint is damaged or "
+                         "comes from a diverged run; use an earlier checkpoint or re-download it")
     return params, config
 
 
