@@ -6,7 +6,6 @@ student-owned tokens reverse KL + teacher-owned forward KL (default), the roles 
 """
 
 import textwrap
-from pathlib import Path
 
 from experiments.grid import parse_base, run_variants
 from gopd_jax.experiment import ExperimentConfig
@@ -32,10 +31,7 @@ def main(argv=None):
     base, _ = parse_base(description, ExperimentConfig(name="ablation_kl", out_dir="runs/ablation_kl",
                                                        estimator="exact"), argv)
     LossConfig(estimator=base.estimator)  # a bad --estimator fails before any run starts
-    table = run_variants(base, VARIANTS, f"KL-direction ablation ({base.env})")
-    note = ESTIMATOR_NOTES[base.estimator]
-    (Path(base.out_dir) / "results.md").write_text(f"{table}\n{note}\n")
-    print(note)
+    run_variants(base, VARIANTS, f"KL-direction ablation ({base.env})", notes=ESTIMATOR_NOTES[base.estimator])
 
 
 if __name__ == "__main__":

@@ -22,8 +22,9 @@ def parse_base(description: str, defaults: ExperimentConfig, argv=None, extra=No
     return config_from_args(args), args
 
 
-def run_variants(base: ExperimentConfig, variants: dict[str, dict], title: str) -> str:
-    """Run `base` with each variant's field overrides under base.out_dir/<variant>; returns the table."""
+def run_variants(base: ExperimentConfig, variants: dict[str, dict], title: str, notes: str = "") -> str:
+    """Run `base` with each variant's field overrides under base.out_dir/<variant>; returns the table (with
+    `notes` below it)."""
     root = Path(base.out_dir)
     configs = {name: dataclasses.replace(base, name=f"{base.name}/{name}", out_dir=str(root / name), **over)
                for name, over in variants.items()}
@@ -32,7 +33,7 @@ def run_variants(base: ExperimentConfig, variants: dict[str, dict], title: str) 
         finished_run(cfg)  # refuses a variant directory that holds another experiment
     # A finished variant (same config) is a no-op that says so: the grid resumes where it stopped.
     results = {name: run_experiment(cfg) for name, cfg in configs.items()}
-    table = results_table(results, title)
+    table = results_table(results, title) + (f"\n{notes}\n" if notes else "")
     root.mkdir(parents=True, exist_ok=True)
     (root / "results.md").write_text(table)
     print(table)
