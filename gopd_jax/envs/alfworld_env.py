@@ -5,6 +5,8 @@ Games are loaded straight from `game.tw-pddl` files (self-contained: domain, gra
 """
 from __future__ import annotations
 
+import copy
+import functools
 import json
 import lzma
 import os
@@ -109,6 +111,53 @@ def split_intro(text: str) -> tuple[str, str]:
     return goal, observation
 
 
+class _TranslationCache:
+    """Stands in for the `fast_downward` module inside textworld's PDDL logic (set in the worker process).
+
+    textworld translates a game's PDDL to SAS four times per episode (measured: ~70% of a reset): a plain
+    and an "optimized" translation while loading (only to list the game's entities), and both again in
+    `reset`. The translation is a pure function of (domain, problem), so the reset reuses the load's. The
+    optimized one only serves the engine's re-planner (policy commands), which this adapter never asks
+    for, so the plain translation - a complete encoding of the same task - is loaded in its place."""
+
+    def __init__(self, module):
+        self._module = module
+        self._last: tuple[tuple[str, str], tuple] | None = None
+
+    def __getattr__(self, name):
+        return getattr(self._module, name)
+
+    def pddl2sas(self, domain: str, problem: str, verbose: bool = False, optimize: bool = False):
+        del optimize  # see the class docstring
+        if self._last is None or self._last[0] != (domain, problem):
+            self._last = ((domain, problem), self._module.pddl2sas(domain, problem, verbose=verbose))
+        return self._last[1]
+
+
+def _memoized_parse(parse, maxsize: int = 8192):
+    """A memo for textworld's text-grammar parser (TatSu, pure Python, ~40% of a reset once translations
+    are cached): every game's grammar repeats the same few hundred rules and command templates. Callers
+    mutate the parsed symbols (they attach contexts), so each call gets its own deep copy."""
+    cached = functools.lru_cache(maxsize=maxsize)(lambda text, kwargs: parse(text, **dict(kwargs)))
+
+    def parse_copy(text, **kwargs):
+        return copy.deepcopy(cached(text, tuple(sorted(kwargs.items()))))
+    parse_copy.memoized = True
+    return parse_copy
+
+
+def _install_engine_caches() -> None:
+    """Idempotent, per process; results are identical to the uncached engine (tests/test_alfworld_speed)."""
+    import fast_downward
+    import textworld.envs.pddl.logic as pddl_logic
+    import textworld.envs.pddl.textgen as textgen
+
+    if not isinstance(pddl_logic.fast_downward, _TranslationCache):
+        pddl_logic.fast_downward = _TranslationCache(fast_downward)
+    if not getattr(textgen._parse_and_convert, "memoized", False):
+        textgen._parse_and_convert = _memoized_parse(textgen._parse_and_convert)
+
+
 class AlfWorldEnv:
     """One ALFWorld game at a time; `reset` loads the game file named by the task id."""
 
@@ -116,6 +165,8 @@ class AlfWorldEnv:
         import textworld  # heavy imports stay inside the worker process
         from alfworld.agents.environment.alfred_tw_env import AlfredDemangler
         from textworld.envs.pddl import PddlEnv
+
+        _install_engine_caches()
 
         # One engine for the worker's lifetime: every new PddlEnv dlopens a fresh copy of
         # fast-downward's 34 MB library that is never unloaded (~2.6 MB RSS per episode otherwise).
