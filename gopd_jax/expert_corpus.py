@@ -1,0 +1,381 @@
+"""Offline expert corpus: every train game's expert episode, replayed once through the real environment,
+stored as raw text on disk and rendered on demand into token ids for SFT with no environment in the loop.
+
+Three layers, each cached on disk:
+
+1. `build_corpus` replays the expert (ALFWorld walkthroughs, ScienceWorld gold paths) of every task of a
+   split through an `EnvPool` and stores, per game, the goal, task type, final result and per turn the
+   observation, admissible actions and expert action - the raw pieces, independent of any tokenizer or
+   prompt format. Games are appended in shards written atomically (`shard-NNNNN.jsonl`); the shards are the
+   index of completed games, so a killed build resumes where it stopped. Tasks run in a seeded shuffled
+   order, so a partial corpus is a uniform sample of the split.
+2. `render_corpus` turns it into token ids with a tokenizer and a `RolloutConfig`, through exactly the path
+   the rollout uses (`fit_prompt` + `render_chat` for the prompt, `RolloutRunner.expert_reply` for the
+   reply), and caches the arrays in an `.npz` keyed by the tokenizer, the prompt settings and the corpus.
+3. `sft_batches` cuts the rendered rows into static-shape `[B, T]` batches (a few width buckets), the
+   input of `train.sft_loss_fn`.
+
+    python -m gopd_jax.expert_corpus --env alfworld --split train --out runs/corpus/alfworld_train
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import hashlib
+import json
+import os
+import tempfile
+import time
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+
+import numpy as np
+from tqdm.auto import tqdm
+
+from gopd_jax.envs import EnvPool, StepResult, TaskSpec, list_tasks
+from gopd_jax.envs.prompting import fit_prompt
+
+FORMAT_VERSION = 1
+_SHARD_GLOB = "shard-*.jsonl"
+
+
+# ---- the raw corpus --------------------------------------------------------------------------------------------
+
+def game_id(task: TaskSpec) -> str:
+    """A machine-independent id: ALFWorld `<split>/<task folder>/<trial>`, ScienceWorld `task:variation`."""
+    if task.env == "alfworld":
+        return "/".join(Path(task.task_id).parts[-4:-1])
+    return task.task_id
+
+
+@dataclasses.dataclass(frozen=True)
+class ExpertTurn:
+    """One expert turn with everything a prompt needs: `history` holds the episode's earlier
+    (observation, action) pairs, oldest first, as the rollout keeps them."""
+
+    game: str
+    task_type: str
+    turn: int
+    goal: str
+    history: tuple[tuple[str, str], ...]
+    observation: str
+    admissible_actions: tuple[str, ...]
+    action: str
+    won: bool  # the expert episode's final result
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}-", dir=path.parent)
+    with os.fdopen(fd, "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.chmod(tmp, 0o644)
+    os.replace(tmp, path)
+
+
+def _shards(corpus_dir: Path) -> list[Path]:
+    return sorted(corpus_dir.glob(_SHARD_GLOB))
+
+
+def load_corpus(corpus_dir: str | os.PathLike) -> list[dict]:
+    """Every stored game record, sorted by game id (so two builds of the same games compare equal)."""
+    records = [json.loads(line) for shard in _shards(Path(corpus_dir)) for line in shard.read_text().splitlines()]
+    return sorted(records, key=lambda r: r["game"])
+
+
+def corpus_meta(corpus_dir: str | os.PathLike) -> dict:
+    path = Path(corpus_dir) / "meta.json"
+    if not path.is_file():
+        raise FileNotFoundError(f"{corpus_dir} holds no expert corpus (no meta.json); build it with build_corpus")
+    return json.loads(path.read_text())
+
+
+def iter_turns(records: Sequence[dict]) -> Iterator[ExpertTurn]:
+    for r in records:
+        history: list[tuple[str, str]] = []
+        for t, turn in enumerate(r["turns"]):
+            yield ExpertTurn(r["game"], r["task_type"], t, r["goal"], tuple(history), turn["observation"],
+                             tuple(turn["admissible_actions"]), turn["action"], r["won"])
+            history.append((turn["observation"], turn["action"]))
+
+
+def _record(task: TaskSpec, goal: str, turns: list[dict], last: StepResult) -> dict:
+    return {"game": game_id(task), "task_type": task.task_type, "goal": goal, "won": last.won,
+            "score": last.score, "final_observation": last.observation, "turns": turns}
+
+
+def replay_expert_episodes(pool: EnvPool, tasks: Sequence[TaskSpec], max_turns: int | None = None) -> Iterator[dict]:
+    """Play each task's expert actions to the end (or `max_turns`), keeping every worker busy; yields one
+    record per finished game, in completion order. Games whose environment failed are skipped (logged)."""
+    todo = list(reversed(tasks))
+    running: dict[int, dict] = {}  # slot -> {"task", "goal", "actions", "turns", "last"}
+
+    def start(slot: int) -> None:
+        if todo:
+            running[slot] = {"task": todo.pop(), "turns": []}
+            pool.reset_async({slot: running[slot]["task"]})
+
+    for slot in pool.slots:
+        start(slot)
+    while running:
+        for slot, result in pool.collect("any").items():
+            ep = running[slot]
+            if isinstance(result, tuple):  # a reset finished
+                ep["goal"], result = result
+                if not result.info.get("env_failed"):
+                    ep["actions"] = pool.expert_actions(slot)
+            if result.info.get("env_failed"):
+                print(f"[expert_corpus] skipped {game_id(ep['task'])}: {result.info.get('reason')}", flush=True)
+                del running[slot]
+                start(slot)
+                continue
+            t = len(ep["turns"])
+            if result.done or t >= len(ep["actions"]) or (max_turns is not None and t >= max_turns):
+                del running[slot]
+                yield _record(ep["task"], ep["goal"], ep["turns"], result)
+                start(slot)
+            else:
+                action = ep["actions"][t]
+                ep["turns"].append({"observation": result.observation,
+                                    "admissible_actions": list(result.admissible_actions), "action": action})
+                pool.step_async({slot: action})
+
+
+def build_corpus(env_name: str, split: str, out_dir: str | os.PathLike, *, num_workers: int = 1,
+                 limit: int | None = None, seed: int = 0, shard_games: int = 50, shard_seconds: float = 300.0,
+                 max_turns: int | None = None, env_kwargs: dict | None = None, data_dir: str | None = None,
+                 progress: bool = True) -> Path:
+    """Replay the expert on the tasks of `split` (a seeded shuffle; the first `limit` of it) into `out_dir`.
+
+    Resumable: games already in a shard are skipped. A shard is written (atomically) every `shard_games`
+    games or `shard_seconds` seconds, whichever comes first, so a kill loses at most that much work."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    meta = {"format_version": FORMAT_VERSION, "env": env_name, "split": split, "seed": seed, "limit": limit,
+            "max_turns": max_turns, "env_kwargs": env_kwargs or {}}
+    if (out / "meta.json").is_file():
+        old = corpus_meta(out)
+        if old != meta:
+            raise ValueError(f"{out} holds a corpus built with {old}, not {meta}: use another --out or delete it")
+    else:
+        _write_atomic(out / "meta.json", json.dumps(meta, indent=2))
+    tasks = list_tasks(env_name, split, data_dir=data_dir)
+    tasks = [tasks[i] for i in np.random.default_rng(seed).permutation(len(tasks))][:limit]
+    done = {r["game"] for r in load_corpus(out)}
+    todo = [t for t in tasks if game_id(t) not in done]
+    next_shard = 1 + max((int(p.stem.split("-")[1]) for p in _shards(out)), default=-1)
+    bar = tqdm(total=len(tasks), initial=len(tasks) - len(todo), desc=f"expert corpus {env_name}/{split}",
+               disable=not progress, mininterval=10.0)
+    pending: list[dict] = []
+    t_flush = t_start = time.monotonic()
+    n_new = 0
+
+    def flush():
+        nonlocal pending, next_shard, t_flush
+        if pending:
+            _write_atomic(out / f"shard-{next_shard:05d}.jsonl", "".join(json.dumps(r) + "\n" for r in pending))
+            next_shard, pending, t_flush = next_shard + 1, [], time.monotonic()
+            rate = n_new / max(time.monotonic() - t_start, 1e-9)
+            print(f"[expert_corpus] {len(tasks) - len(todo) + n_new}/{len(tasks)} games stored, "
+                  f"{60 * rate:.1f} games/min this run", flush=True)
+
+    if todo:
+        with EnvPool(env_name, env_kwargs, num_workers=num_workers) as pool:
+            for record in replay_expert_episodes(pool, todo, max_turns):
+                pending.append(record)
+                n_new += 1
+                bar.update(1)
+                if len(pending) >= shard_games or time.monotonic() - t_flush >= shard_seconds:
+                    flush()
+    flush()
+    bar.close()
+    return out
+
+
+# ---- rendering into token ids ----------------------------------------------------------------------------------
+
+@dataclasses.dataclass(frozen=True)
+class RenderedCorpus:
+    """Token ids of every expert turn: row i is tokens[offsets[i]:offsets[i+1]], its first
+    prompt_lengths[i] ids the prompt, the rest the reply (stop token included)."""
+
+    tokens: np.ndarray  # int32 [total]
+    offsets: np.ndarray  # int64 [N + 1]
+    prompt_lengths: np.ndarray  # int32 [N]
+    game_index: np.ndarray  # int32 [N], into `games`
+    turn: np.ndarray  # int32 [N]
+    games: tuple[str, ...]
+    task_types: tuple[str, ...]  # per game
+
+    def __len__(self) -> int:
+        return len(self.prompt_lengths)
+
+    @property
+    def lengths(self) -> np.ndarray:
+        return np.diff(self.offsets).astype(np.int32)
+
+    def row(self, i: int) -> tuple[np.ndarray, np.ndarray]:
+        """(prompt ids, reply ids) of row i."""
+        ids = self.tokens[self.offsets[i]:self.offsets[i + 1]]
+        return ids[:self.prompt_lengths[i]], ids[self.prompt_lengths[i]:]
+
+
+def tokenizer_fingerprint(tokenizer) -> str:
+    """Changes whenever the ids of any text could change: vocabulary, merges, specials, chat template."""
+    h = hashlib.sha256()
+    h.update(tokenizer.backend_tokenizer.to_str().encode())
+    h.update(str(getattr(tokenizer, "chat_template", "")).encode())
+    return h.hexdigest()[:16]
+
+
+def _corpus_fingerprint(records: Sequence[dict]) -> str:
+    h = hashlib.sha256()
+    for r in records:
+        h.update(json.dumps(r, sort_keys=True).encode())
+    return h.hexdigest()[:16]
+
+
+def render_turn(tokenizer, rollout_config, turn: ExpertTurn, runner=None) -> tuple[list[int], list[int]]:
+    """(prompt ids, reply ids) of one expert turn, exactly as the rollout would feed and stitch them."""
+    from gopd_jax.rollout import RolloutRunner
+    from gopd_jax.tokenizer import render_chat
+
+    c = rollout_config
+    runner = runner or RolloutRunner(None, tokenizer, c)
+    prompt = fit_prompt(lambda msgs: render_chat(tokenizer, msgs, enable_thinking=c.think), turn.goal,
+                        list(turn.history), turn.observation, turn.admissible_actions, c.env, c.max_prompt_tokens,
+                        k_history=c.k_history, think=c.think)
+    return prompt, runner.expert_reply(turn.action).tolist()
+
+
+def render_corpus(corpus_dir: str | os.PathLike, tokenizer, rollout_config, *, cache_dir: str | os.PathLike | None = None,
+                  won_only: bool = True, progress: bool = True) -> RenderedCorpus:
+    """Every turn of the corpus (of won games only, by default) as token ids, cached in
+    `cache_dir` (default `<corpus_dir>/rendered`) under a key of tokenizer + prompt settings + corpus."""
+    from gopd_jax.rollout import RolloutRunner
+
+    c = rollout_config
+    meta = corpus_meta(corpus_dir)
+    if meta["env"] != c.env:
+        raise ValueError(f"corpus {corpus_dir} is {meta['env']}, the rollout config is {c.env}")
+    records = [r for r in load_corpus(corpus_dir) if r["won"] or not won_only]
+    if not records:
+        raise ValueError(f"corpus {corpus_dir} holds no {'won ' if won_only else ''}games yet")
+    settings = {"env": c.env, "k_history": c.k_history, "think": c.think, "max_prompt_tokens": c.max_prompt_tokens,
+                "won_only": won_only, "format_version": FORMAT_VERSION}
+    key = hashlib.sha256(json.dumps([tokenizer_fingerprint(tokenizer), settings, _corpus_fingerprint(records)],
+                                    sort_keys=True).encode()).hexdigest()[:20]
+    cache = Path(cache_dir or Path(corpus_dir) / "rendered") / f"{key}.npz"
+    if cache.is_file():
+        with np.load(cache) as z:
+            return RenderedCorpus(z["tokens"], z["offsets"], z["prompt_lengths"], z["game_index"], z["turn"],
+                                  tuple(z["games"].tolist()), tuple(z["task_types"].tolist()))
+    runner = RolloutRunner(None, tokenizer, c)
+    chunks, prompt_lengths, game_index, turns = [], [], [], []
+    index = {r["game"]: i for i, r in enumerate(records)}
+    n_turns = sum(len(r["turns"]) for r in records)
+    for turn in tqdm(iter_turns(records), total=n_turns, desc="render corpus", disable=not progress, mininterval=10.0):
+        prompt, reply = render_turn(tokenizer, c, turn, runner)
+        chunks.append(np.asarray(prompt + reply, np.int32))
+        prompt_lengths.append(len(prompt))
+        game_index.append(index[turn.game])
+        turns.append(turn.turn)
+    offsets = np.zeros(len(chunks) + 1, np.int64)
+    np.cumsum([len(x) for x in chunks], out=offsets[1:])
+    rendered = RenderedCorpus(np.concatenate(chunks), offsets, np.asarray(prompt_lengths, np.int32),
+                              np.asarray(game_index, np.int32), np.asarray(turns, np.int32),
+                              tuple(r["game"] for r in records), tuple(r["task_type"] for r in records))
+    cache.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{cache.stem}-", suffix=".npz", dir=cache.parent)
+    with os.fdopen(fd, "wb") as f:
+        np.savez(f, tokens=rendered.tokens, offsets=rendered.offsets, prompt_lengths=rendered.prompt_lengths,
+                 game_index=rendered.game_index, turn=rendered.turn, games=np.asarray(rendered.games),
+                 task_types=np.asarray(rendered.task_types), settings=json.dumps(settings))
+    os.replace(tmp, cache)
+    return rendered
+
+
+# ---- static-shape SFT batches ----------------------------------------------------------------------------------
+
+def bucket_widths(max_length: int, smallest: int = 128) -> tuple[int, ...]:
+    """Powers of two from `smallest` up to the first that holds `max_length` tokens."""
+    widths = [smallest]
+    while widths[-1] < max_length:
+        widths.append(widths[-1] * 2)
+    return tuple(widths)
+
+
+def sft_batch(rendered: RenderedCorpus, rows: Sequence[int], batch_rows: int, width: int,
+              pad_id: int = 0) -> dict[str, np.ndarray]:
+    """Rows of the corpus as one `[batch_rows, width]` batch: tokens, next-token targets and a loss mask
+    over the reply's targets only (prompt and padding carry none); missing rows are empty (all padding)."""
+    tokens = np.full((batch_rows, width), pad_id, np.int32)
+    mask = np.zeros((batch_rows, width), np.float32)
+    for i, r in enumerate(rows):
+        prompt, reply = rendered.row(r)
+        p, n = len(prompt), len(prompt) + len(reply)
+        if n > width:
+            raise ValueError(f"row {r} has {n} tokens, more than the batch width {width}")
+        tokens[i, :p] = prompt
+        tokens[i, p:n] = reply
+        mask[i, p - 1:n - 1] = 1.0  # targets[t] = tokens[t + 1]: the reply is predicted from p - 1 on
+    targets = np.concatenate([tokens[:, 1:], np.full((batch_rows, 1), pad_id, np.int32)], axis=1)
+    return {"tokens": tokens, "targets": targets, "loss_mask": mask}
+
+
+def epoch_plan(rendered: RenderedCorpus, tokens_per_batch: int, seed: int, epoch: int,
+               widths: Sequence[int] | None = None) -> list[tuple[int, np.ndarray]]:
+    """One epoch as (width, row indices) batches: every row once, each in the narrowest bucket that holds
+    it, `tokens_per_batch // width` rows per batch (the last batch of a bucket may be short), batches in
+    a seeded random order. A pure function of (seed, epoch), so a resumed run replays the same batches."""
+    lengths = rendered.lengths
+    widths = tuple(widths or bucket_widths(int(lengths.max())))
+    if lengths.max() > widths[-1]:
+        raise ValueError(f"the longest row has {lengths.max()} tokens, more than the widest bucket {widths[-1]}")
+    rng = np.random.default_rng([seed, epoch])
+    bucket = np.searchsorted(np.asarray(widths), lengths)  # first width >= length
+    plan = []
+    for b, width in enumerate(widths):
+        rows = rng.permutation(np.flatnonzero(bucket == b))
+        per = max(1, tokens_per_batch // width)
+        plan += [(width, rows[i:i + per]) for i in range(0, len(rows), per)]
+    return [plan[i] for i in rng.permutation(len(plan))]
+
+
+def sft_batches(rendered: RenderedCorpus, tokens_per_batch: int, *, seed: int = 0, start_step: int = 0,
+                widths: Sequence[int] | None = None, pad_id: int = 0) -> Iterator[tuple[int, dict[str, np.ndarray]]]:
+    """Endless (step, batch) stream over epochs from `start_step` on; batch shapes are
+    `[tokens_per_batch // w, w]` for the bucket widths w, so a jitted update compiles once per width."""
+    step, epoch = 0, 0
+    while True:
+        plan = epoch_plan(rendered, tokens_per_batch, seed, epoch, widths)
+        for width, rows in plan:
+            if step >= start_step:
+                yield step, sft_batch(rendered, rows, max(1, tokens_per_batch // width), width, pad_id)
+            step += 1
+        epoch += 1
+
+
+def main(argv=None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--env", default="alfworld")
+    ap.add_argument("--split", default="train")
+    ap.add_argument("--out", required=True, help="corpus directory (resumes if it exists)")
+    ap.add_argument("--workers", type=int, default=1)
+    ap.add_argument("--limit", type=int, default=None, help="only the first N games of the seeded shuffle")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--max-turns", type=int, default=None)
+    ap.add_argument("--no-progress", action="store_true")
+    args = ap.parse_args(argv)
+    env_kwargs = {"gold_path": True} if args.env == "scienceworld" else None
+    out = build_corpus(args.env, args.split, args.out, num_workers=args.workers, limit=args.limit, seed=args.seed,
+                       max_turns=args.max_turns, env_kwargs=env_kwargs, progress=not args.no_progress)
+    records = load_corpus(out)
+    print(f"[expert_corpus] {out}: {len(records)} games, {sum(len(r['turns']) for r in records)} turns, "
+          f"{sum(r['won'] for r in records)} won", flush=True)
+
+
+if __name__ == "__main__":
+    main()
