@@ -367,11 +367,12 @@ def main(argv=None) -> None:
     ap.add_argument("--limit", type=int, default=None, help="only the first N games of the seeded shuffle")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--max-turns", type=int, default=None)
+    ap.add_argument("--shard-games", type=int, default=50, help="games per shard (at most this many lost to a kill)")
     ap.add_argument("--no-progress", action="store_true")
     args = ap.parse_args(argv)
     env_kwargs = {"gold_path": True} if args.env == "scienceworld" else None
     out = build_corpus(args.env, args.split, args.out, num_workers=args.workers, limit=args.limit, seed=args.seed,
-                       max_turns=args.max_turns, env_kwargs=env_kwargs, progress=not args.no_progress)
+                       max_turns=args.max_turns, env_kwargs=env_kwargs, shard_games=args.shard_games, progress=not args.no_progress)
     records = load_corpus(out)
     print(f"[expert_corpus] {out}: {len(records)} games, {sum(len(r['turns']) for r in records)} turns, "
           f"{sum(r['won'] for r in records)} won", flush=True)

@@ -1,0 +1,143 @@
+"""The offline expert corpus on real ALFWorld train games: resumable build, token-exact rendering, SFT batches."""
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import jax
+import numpy as np
+import pytest
+
+pytest.importorskip("alfworld", reason="alfworld is not installed (pip install alfworld)")
+
+from gopd_jax.envs import EnvPool  # noqa: E402
+from gopd_jax.envs.prompting import build_messages  # noqa: E402
+from gopd_jax.expert_corpus import (build_corpus, epoch_plan, iter_turns, load_corpus, render_corpus,  # noqa: E402
+                                    sft_batch, sft_batches)
+from gopd_jax.rollout import EXPERT, STUDENT, TEACHER, RolloutConfig, RolloutRunner, owners_from_beta  # noqa: E402
+from gopd_jax.tokenizer import train_bpe_tokenizer  # noqa: E402
+
+GAMES = 3
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _have_data():
+    from gopd_jax.envs.alfworld_env import resolve_data_dir
+    try:
+        resolve_data_dir()
+        return True
+    except FileNotFoundError:
+        return False
+
+
+pytestmark = pytest.mark.skipif(not _have_data(), reason="ALFWorld game files not found (alfworld-download)")
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory):
+    return build_corpus("alfworld", "train", tmp_path_factory.mktemp("corpus"), limit=GAMES, progress=False)
+
+
+@pytest.fixture(scope="module")
+def tokenizer(tmp_path_factory, corpus):
+    texts = [m["content"] for t in iter_turns(load_corpus(corpus)) for m in
+             build_messages(t.goal, list(t.history), t.observation, t.admissible_actions, "alfworld", think=False)]
+    return train_bpe_tokenizer(texts, 400, tmp_path_factory.mktemp("tok"))
+
+
+def test_corpus_holds_every_expert_turn(corpus):
+    records = load_corpus(corpus)
+    assert len(records) == GAMES and all(r["won"] for r in records)
+    for r in records:
+        assert r["goal"] and r["turns"] and r["game"].startswith("train/")
+        for turn in r["turns"]:
+            assert turn["action"] in turn["admissible_actions"]  # the walkthrough only takes admissible actions
+
+
+def test_killed_build_resumes_to_the_same_corpus(corpus, tmp_path):
+    out = tmp_path / "killed"
+    proc = subprocess.Popen([sys.executable, "-m", "gopd_jax.expert_corpus", "--out", str(out), "--limit", str(GAMES),
+                             "--shard-games", "1", "--no-progress"], cwd=ROOT, stdout=subprocess.DEVNULL,
+                            env={**os.environ, "PYTHONPATH": str(ROOT)}, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 300
+        while not (out / "shard-00000.jsonl").is_file():  # killed right after its first game is stored
+            assert proc.poll() is None and time.monotonic() < deadline, "the build ended before storing a game"
+            time.sleep(0.05)
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+    partial = load_corpus(out)
+    assert 1 <= len(partial) < GAMES
+    build_corpus("alfworld", "train", out, limit=GAMES, shard_games=1, progress=False)
+    assert load_corpus(out) == load_corpus(corpus)
+    assert len(list(out.glob("shard-*.jsonl"))) == GAMES  # nothing replayed twice
+
+
+def test_rebuild_with_other_settings_is_refused(corpus):
+    with pytest.raises(ValueError, match="another --out"):
+        build_corpus("alfworld", "train", corpus, limit=GAMES + 1, progress=False)
+
+
+@pytest.mark.parametrize("think,max_prompt_tokens", [(False, 10_240), (True, 260)])
+def test_rendered_ids_equal_what_the_rollout_feeds(corpus, tokenizer, tmp_path, think, max_prompt_tokens):
+    cfg = RolloutConfig(env="alfworld", think=think, k_history=2, max_prompt_tokens=max_prompt_tokens)
+    rendered = render_corpus(corpus, tokenizer, cfg, cache_dir=tmp_path, progress=False)
+    records = load_corpus(corpus)
+    tasks = {}
+    from gopd_jax.envs import list_tasks
+    from gopd_jax.expert_corpus import game_id
+    for task in list_tasks("alfworld", "train"):
+        tasks[game_id(task)] = task
+    with EnvPool("alfworld", num_workers=1) as pool:
+        episodes, _ = RolloutRunner(pool, tokenizer, cfg).run([tasks[r["game"]] for r in records],
+                                                              {STUDENT: EXPERT, TEACHER: EXPERT},
+                                                              owners_from_beta(1.0), jax.random.PRNGKey(0),
+                                                              progress=False)
+    expected = {(game_id(e.task), i): (t.prompt_ids, t.response_ids) for e in episodes for i, t in enumerate(e.turns)}
+    assert len(rendered) == len(expected) == sum(len(r["turns"]) for r in records)
+    for i in range(len(rendered)):
+        prompt, reply = rendered.row(i)
+        want_prompt, want_reply = expected[(rendered.games[rendered.game_index[i]], int(rendered.turn[i]))]
+        np.testing.assert_array_equal(prompt, want_prompt)
+        np.testing.assert_array_equal(reply, want_reply)
+    if max_prompt_tokens < 10_240:
+        assert rendered.prompt_lengths.max() <= max_prompt_tokens
+    # The second call reads the cache: same arrays, no re-rendering.
+    again = render_corpus(corpus, tokenizer, cfg, cache_dir=tmp_path, progress=False)
+    np.testing.assert_array_equal(again.tokens, rendered.tokens)
+    assert len(list(tmp_path.glob("*.npz"))) == 1
+
+
+def test_loss_mask_covers_exactly_the_reply(corpus, tokenizer, tmp_path):
+    cfg = RolloutConfig(env="alfworld", think=False)
+    rendered = render_corpus(corpus, tokenizer, cfg, cache_dir=tmp_path, progress=False)
+    rows = [0, len(rendered) - 1]
+    batch = sft_batch(rendered, rows, batch_rows=4, width=1024)
+    assert batch["tokens"].shape == batch["targets"].shape == batch["loss_mask"].shape == (4, 1024)
+    for i, r in enumerate(rows):
+        prompt, reply = rendered.row(r)
+        m = batch["loss_mask"][i].astype(bool)
+        np.testing.assert_array_equal(batch["targets"][i][m], reply)  # exactly the reply ids, in order
+        assert np.flatnonzero(m).tolist() == list(range(len(prompt) - 1, len(prompt) + len(reply) - 1))
+        np.testing.assert_array_equal(batch["tokens"][i, :len(prompt)], prompt)
+    assert not batch["loss_mask"][2:].any()  # empty rows carry no loss
+
+
+def test_epoch_plan_is_static_shaped_and_covers_each_row_once(corpus, tokenizer, tmp_path):
+    rendered = render_corpus(corpus, tokenizer, RolloutConfig(env="alfworld", think=False), cache_dir=tmp_path,
+                             progress=False)
+    plan = epoch_plan(rendered, tokens_per_batch=4096, seed=0, epoch=0)
+    rows = np.concatenate([r for _, r in plan])
+    assert sorted(rows.tolist()) == list(range(len(rendered)))
+    assert all(rendered.lengths[r].max() <= w for w, r in plan)
+    assert epoch_plan(rendered, 4096, 0, 0)[0][1].tolist() == plan[0][1].tolist()  # a pure function of (seed, epoch)
+    stream = sft_batches(rendered, 4096, seed=0)
+    shapes = {next(stream)[1]["tokens"].shape for _ in range(2 * len(plan))}
+    assert shapes <= {(4096 // w, w) for w, _ in plan}
+    # Resuming at step s yields the batch a fresh stream yields at step s.
+    step, resumed = next(sft_batches(rendered, 4096, seed=0, start_step=3))
+    fresh = [b for s, b in zip(range(4), (b for _, b in sft_batches(rendered, 4096, seed=0)))][3]
+    assert step == 3 and all(np.array_equal(resumed[k], fresh[k]) for k in fresh)
