@@ -21,7 +21,9 @@ Three layers, each cached on disk:
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
+import fcntl
 import hashlib
 import json
 import os
@@ -143,6 +145,19 @@ def replay_expert_episodes(pool: EnvPool, tasks: Sequence[TaskSpec], max_turns: 
                 pool.step_async({slot: action})
 
 
+@contextlib.contextmanager
+def _exclusive(out: Path):
+    """One builder per corpus directory: a second one (e.g. a pipeline started while a standalone build
+    runs) waits here, then finds the games already stored."""
+    with open(out / ".lock", "w") as f:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            print(f"[expert_corpus] another build holds {out}; waiting for it to finish", flush=True)
+            fcntl.flock(f, fcntl.LOCK_EX)
+        yield
+
+
 def build_corpus(env_name: str, split: str, out_dir: str | os.PathLike, *, num_workers: int = 1,
                  limit: int | None = None, seed: int = 0, shard_games: int = 50, shard_seconds: float = 300.0,
                  max_turns: int | None = None, env_kwargs: dict | None = None, data_dir: str | None = None,
@@ -153,6 +168,14 @@ def build_corpus(env_name: str, split: str, out_dir: str | os.PathLike, *, num_w
     games or `shard_seconds` seconds, whichever comes first, so a kill loses at most that much work."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
+    with _exclusive(out):
+        return _build(env_name, split, out, num_workers=num_workers, limit=limit, seed=seed, shard_games=shard_games,
+                      shard_seconds=shard_seconds, max_turns=max_turns, env_kwargs=env_kwargs, data_dir=data_dir,
+                      progress=progress)
+
+
+def _build(env_name, split, out: Path, *, num_workers, limit, seed, shard_games, shard_seconds, max_turns, env_kwargs,
+           data_dir, progress) -> Path:
     meta = {"format_version": FORMAT_VERSION, "env": env_name, "split": split, "seed": seed, "limit": limit,
             "max_turns": max_turns, "env_kwargs": env_kwargs or {}}
     if (out / "meta.json").is_file():
@@ -230,13 +253,6 @@ def tokenizer_fingerprint(tokenizer) -> str:
     return h.hexdigest()[:16]
 
 
-def _corpus_fingerprint(records: Sequence[dict]) -> str:
-    h = hashlib.sha256()
-    for r in records:
-        h.update(json.dumps(r, sort_keys=True).encode())
-    return h.hexdigest()[:16]
-
-
 def render_turn(tokenizer, rollout_config, turn: ExpertTurn, runner=None) -> tuple[list[int], list[int]]:
     """(prompt ids, reply ids) of one expert turn, exactly as the rollout would feed and stitch them."""
     from gopd_jax.rollout import RolloutRunner
@@ -250,51 +266,78 @@ def render_turn(tokenizer, rollout_config, turn: ExpertTurn, runner=None) -> tup
     return prompt, runner.expert_reply(turn.action).tolist()
 
 
-def render_corpus(corpus_dir: str | os.PathLike, tokenizer, rollout_config, *, cache_dir: str | os.PathLike | None = None,
-                  won_only: bool = True, progress: bool = True) -> RenderedCorpus:
-    """Every turn of the corpus (of won games only, by default) as token ids, cached in
-    `cache_dir` (default `<corpus_dir>/rendered`) under a key of tokenizer + prompt settings + corpus."""
-    from gopd_jax.rollout import RolloutRunner
+def render_corpus(corpus_dir: str | os.PathLike, tokenizer, rollout_config, *, shards: Sequence[str] | None = None,
+                  cache_dir: str | os.PathLike | None = None, won_only: bool = True,
+                  progress: bool = True) -> RenderedCorpus:
+    """Every turn of the corpus (of won games only, by default) as token ids, shard by shard in shard order.
 
+    Shards are immutable once written, so each is rendered once and cached in `cache_dir` (default
+    `<corpus_dir>/rendered`) under a key of tokenizer + prompt settings + the shard's bytes; a growing corpus
+    renders only its new shards. `shards`: the shard file names to use (default: all present now)."""
     c = rollout_config
+    corpus_dir = Path(corpus_dir)
     meta = corpus_meta(corpus_dir)
     if meta["env"] != c.env:
         raise ValueError(f"corpus {corpus_dir} is {meta['env']}, the rollout config is {c.env}")
-    records = [r for r in load_corpus(corpus_dir) if r["won"] or not won_only]
-    if not records:
-        raise ValueError(f"corpus {corpus_dir} holds no {'won ' if won_only else ''}games yet")
+    names = list(shards) if shards is not None else [p.name for p in _shards(corpus_dir)]
     settings = {"env": c.env, "k_history": c.k_history, "think": c.think, "max_prompt_tokens": c.max_prompt_tokens,
-                "won_only": won_only, "format_version": FORMAT_VERSION}
-    key = hashlib.sha256(json.dumps([tokenizer_fingerprint(tokenizer), settings, _corpus_fingerprint(records)],
-                                    sort_keys=True).encode()).hexdigest()[:20]
-    cache = Path(cache_dir or Path(corpus_dir) / "rendered") / f"{key}.npz"
+                "won_only": won_only, "format_version": FORMAT_VERSION, "tokenizer": tokenizer_fingerprint(tokenizer)}
+    cache = Path(cache_dir or corpus_dir / "rendered")
+    parts = [_render_shard(corpus_dir / name, tokenizer, c, settings, cache, progress) for name in names]
+    rendered = _concat(parts)
+    if not len(rendered):
+        raise ValueError(f"corpus {corpus_dir} holds no {'won ' if won_only else ''}games yet")
+    return rendered
+
+
+def _render_shard(shard: Path, tokenizer, rollout_config, settings: dict, cache_dir: Path,
+                  progress: bool) -> RenderedCorpus:
+    from gopd_jax.rollout import RolloutRunner
+
+    data = shard.read_bytes()
+    key = hashlib.sha256(json.dumps(settings, sort_keys=True).encode() + data).hexdigest()[:20]
+    cache = cache_dir / f"{shard.stem}-{key}.npz"
     if cache.is_file():
         with np.load(cache) as z:
             return RenderedCorpus(z["tokens"], z["offsets"], z["prompt_lengths"], z["game_index"], z["turn"],
                                   tuple(z["games"].tolist()), tuple(z["task_types"].tolist()))
-    runner = RolloutRunner(None, tokenizer, c)
-    chunks, prompt_lengths, game_index, turns = [], [], [], []
+    records = [r for r in map(json.loads, data.decode().splitlines()) if r["won"] or not settings["won_only"]]
+    runner = RolloutRunner(None, tokenizer, rollout_config)
+    rows, prompt_lengths, game_index, turns = [], [], [], []
     index = {r["game"]: i for i, r in enumerate(records)}
-    n_turns = sum(len(r["turns"]) for r in records)
-    for turn in tqdm(iter_turns(records), total=n_turns, desc="render corpus", disable=not progress, mininterval=10.0):
-        prompt, reply = render_turn(tokenizer, c, turn, runner)
-        chunks.append(np.asarray(prompt + reply, np.int32))
+    for turn in tqdm(iter_turns(records), total=sum(len(r["turns"]) for r in records), desc=f"render {shard.name}",
+                     disable=not progress, leave=False):
+        prompt, reply = render_turn(tokenizer, rollout_config, turn, runner)
+        rows.append(prompt + reply)
         prompt_lengths.append(len(prompt))
         game_index.append(index[turn.game])
         turns.append(turn.turn)
-    offsets = np.zeros(len(chunks) + 1, np.int64)
-    np.cumsum([len(x) for x in chunks], out=offsets[1:])
-    rendered = RenderedCorpus(np.concatenate(chunks), offsets, np.asarray(prompt_lengths, np.int32),
-                              np.asarray(game_index, np.int32), np.asarray(turns, np.int32),
-                              tuple(r["game"] for r in records), tuple(r["task_type"] for r in records))
-    cache.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{cache.stem}-", suffix=".npz", dir=cache.parent)
+    offsets = np.zeros(len(rows) + 1, np.int64)
+    np.cumsum([len(x) for x in rows], out=offsets[1:])
+    rendered = RenderedCorpus(np.asarray([t for x in rows for t in x], np.int32), offsets,
+                              np.asarray(prompt_lengths, np.int32), np.asarray(game_index, np.int32),
+                              np.asarray(turns, np.int32), tuple(r["game"] for r in records),
+                              tuple(r["task_type"] for r in records))
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{cache.stem}-", suffix=".npz", dir=cache_dir)
     with os.fdopen(fd, "wb") as f:
         np.savez(f, tokens=rendered.tokens, offsets=rendered.offsets, prompt_lengths=rendered.prompt_lengths,
-                 game_index=rendered.game_index, turn=rendered.turn, games=np.asarray(rendered.games),
-                 task_types=np.asarray(rendered.task_types), settings=json.dumps(settings))
+                 game_index=rendered.game_index, turn=rendered.turn, games=np.asarray(rendered.games, dtype=str),
+                 task_types=np.asarray(rendered.task_types, dtype=str), settings=json.dumps(settings))
     os.replace(tmp, cache)
     return rendered
+
+
+def _concat(parts: Sequence[RenderedCorpus]) -> RenderedCorpus:
+    starts = np.cumsum([0] + [len(p.games) for p in parts])
+    return RenderedCorpus(
+        np.concatenate([p.tokens for p in parts] or [np.zeros(0, np.int32)]).astype(np.int32),
+        np.concatenate([[0]] + [p.offsets[1:] + sum(len(q.tokens) for q in parts[:i]) for i, p in enumerate(parts)]
+                       ).astype(np.int64),
+        np.concatenate([p.prompt_lengths for p in parts] or [np.zeros(0, np.int32)]).astype(np.int32),
+        np.concatenate([p.game_index + s for p, s in zip(parts, starts)] or [np.zeros(0, np.int32)]).astype(np.int32),
+        np.concatenate([p.turn for p in parts] or [np.zeros(0, np.int32)]).astype(np.int32),
+        tuple(g for p in parts for g in p.games), tuple(t for p in parts for t in p.task_types))
 
 
 # ---- static-shape SFT batches ----------------------------------------------------------------------------------

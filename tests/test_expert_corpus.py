@@ -108,7 +108,7 @@ def test_rendered_ids_equal_what_the_rollout_feeds(corpus, tokenizer, tmp_path, 
     # The second call reads the cache: same arrays, no re-rendering.
     again = render_corpus(corpus, tokenizer, cfg, cache_dir=tmp_path, progress=False)
     np.testing.assert_array_equal(again.tokens, rendered.tokens)
-    assert len(list(tmp_path.glob("*.npz"))) == 1
+    assert len(list(tmp_path.glob("*.npz"))) == len(list(corpus.glob("shard-*.jsonl")))
 
 
 def test_loss_mask_covers_exactly_the_reply(corpus, tokenizer, tmp_path):
