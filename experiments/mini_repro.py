@@ -1,14 +1,19 @@
 """Mini-scale reproduction of the paper's central comparison, sized for a CPU machine.
 
-Pipeline (everything real: ALFWorld games, Qwen3 / Qwen3-MoE models, the library's runner):
-  1. a byte-level BPE tokenizer trained on ALFWorld expert transcripts (prompts + replies);
-  2. a small Qwen3-MoE teacher trained by SFT on expert (walkthrough) trajectories;
-  3. small dense Qwen3 students, each warmed up by a short SFT from one shared init;
-  4. from that same init: vanilla OPD, Guided-OPD (cosine curriculum) and SFT, for several seeds;
-  5. evaluation on valid_unseen (beta = 0, temperature 0.4) and a results table with the paper-style
+Pipeline (everything real: ALFWorld games, Qwen3 / Qwen3-MoE models, the library's runner), each stage
+resumable after a kill:
+  1. the offline expert corpus: every train game's walkthrough replayed once (gopd_jax.expert_corpus);
+  2. a byte-level BPE tokenizer trained on rendered corpus turns (prompts + replies);
+  3. a small Qwen3-MoE teacher trained by SFT from the cached corpus (static-shape batches, no environment
+     in the loop), its success rate measured against training tokens on a stratified draw of valid_unseen,
+     and finally on all of valid_unseen;
+  4. small dense Qwen3 students, each warmed up by a short SFT from one shared init;
+  5. from that same init: vanilla OPD, Guided-OPD (cosine curriculum) and SFT, for several seeds;
+  6. evaluation on valid_unseen (beta = 0, temperature 0.4) and a results table with the paper-style
      relative gains of Guided-OPD over OPD.
 
     python -m experiments.mini_repro                       # the full mini table (hours on 2 CPU cores)
+    python -m experiments.mini_repro --until teacher       # stages 1-3 only
     python -m experiments.mini_repro --preset quick        # minutes: the README's quickstart
 """
 
@@ -16,33 +21,57 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import fcntl
+import functools
 import json
 import statistics
+import time
 from pathlib import Path
 
 import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
 
+from gopd_jax import expert_corpus as ec
+from gopd_jax.checkpointing import Checkpointer
 from gopd_jax.envs import EnvPool, list_tasks
 from gopd_jax.envs.prompting import build_messages
+from gopd_jax.evaluate import evaluate_policy, format_table, stratified_draw
 from gopd_jax.experiment import ExperimentConfig
-from gopd_jax.methods import owners_from_beta
-from gopd_jax.models import Qwen3Config, init_params, save_hf_checkpoint
-from gopd_jax.records import EXPERT, STUDENT, TEACHER
+from gopd_jax.models import Qwen3Config, init_params, load_hf_checkpoint, save_hf_checkpoint
+from gopd_jax.records import Policy
 from gopd_jax.rollout import RolloutConfig, RolloutRunner
 from gopd_jax.runner import run_experiment
 from gopd_jax.tokenizer import load_tokenizer, train_bpe_tokenizer
+from gopd_jax.train import init_train_state, jit_update_step, make_optimizer, sft_loss_fn
 
 
 @dataclasses.dataclass(frozen=True)
 class MiniConfig:
     out_dir: str = "runs/mini_repro"
     env: str = "alfworld"
-    corpus_tasks: int = 48
+    # Expert corpus (tokenizer-independent; shared by every run that uses the same games).
+    corpus_dir: str = "runs/corpus/alfworld_train"
+    corpus_games: int | None = None  # None: every train game; else the first N of the corpus's seeded shuffle
+    corpus_workers: int = 2
+    corpus_min_games: int = 300  # with a build still running elsewhere, the teacher starts once this many are stored
+    tokenizer_games: int = 300  # the tokenizer is trained on the first N games of the shuffle
     vocab_size: int = 1024
-    teacher_layers: int = 2
+    k_history: int = 1
+    max_prompt_tokens: int = 992  # + the reply: rows fit the widest SFT bucket (1024)
+    # Teacher: Qwen3-MoE trained by SFT from the rendered corpus.
+    teacher_layers: int = 4
     teacher_hidden: int = 128
     teacher_experts: int = 4
-    teacher_sft_steps: int = 60
+    teacher_steps: int = 8000
+    teacher_tokens_per_batch: int = 8192
+    teacher_lr: float = 2e-3
+    teacher_eval_steps: tuple[int, ...] = (100, 250, 500, 1000, 2000, 4000, 6000)  # + the last step
+    teacher_eval_games: int = 30  # intermediate evals: a seeded draw stratified over task types
+    teacher_eval_turns: int = 30
+    teacher_final_eval_games: int | None = None  # None: every valid_unseen game
+    teacher_checkpoint_every: int = 100
     student_hidden: tuple[int, ...] = (48, 96)
     student_layers: int = 2
     warmup_sft_steps: int = 16
@@ -55,14 +84,23 @@ class MiniConfig:
     max_turns: int = 15
     max_new_tokens: int = 24
     eval_limit: int = 30
-    num_workers: int = 8
+    num_workers: int = 2  # environment worker processes (the reference machine has 2 cores)
     progress: bool = True
+
+    def __post_init__(self):
+        if self.tokenizer_games > self.corpus_min_games:
+            raise ValueError(f"tokenizer_games ({self.tokenizer_games}) must be <= corpus_min_games "
+                             f"({self.corpus_min_games}): the tokenizer trains on games the corpus already holds")
 
 
 PRESETS = {
     "full": MiniConfig(),
-    "quick": MiniConfig(out_dir="runs/quickstart", corpus_tasks=8, vocab_size=512, teacher_layers=2,
-                        teacher_hidden=64, teacher_experts=4, teacher_sft_steps=6, student_hidden=(32,),
+    "quick": MiniConfig(out_dir="runs/quickstart", corpus_dir="runs/quickstart/corpus", corpus_games=12,
+                        corpus_min_games=12, tokenizer_games=12, vocab_size=512, teacher_layers=2, teacher_hidden=64,
+                        teacher_experts=4, teacher_steps=40, teacher_tokens_per_batch=4096,
+                        teacher_eval_steps=(20,), teacher_eval_games=6, teacher_eval_turns=6,
+                        teacher_final_eval_games=6,
+                        teacher_checkpoint_every=20, student_hidden=(32,),
                         warmup_sft_steps=2, distill_steps=3, batch_tasks=2, methods=("opd", "guided_opd"),
                         seeds=(0,), sft_baseline_seeds=(), max_turns=4, max_new_tokens=12, eval_limit=4,
                         num_workers=2),
@@ -71,28 +109,164 @@ PRESETS = {
 
 def _base(mini: MiniConfig, **kw) -> ExperimentConfig:
     """The runner settings shared by every stage (tiny models: no thinking, short replies, float32)."""
-    return ExperimentConfig(env=mini.env, think=False, k_history=1, max_turns=mini.max_turns,
+    return ExperimentConfig(env=mini.env, think=False, k_history=mini.k_history, max_turns=mini.max_turns,
+                            max_prompt_tokens=mini.max_prompt_tokens,
                             max_new_tokens=mini.max_new_tokens, compute_dtype="float32",
                             batch_tasks=mini.batch_tasks, learning_rate=mini.learning_rate, micro_batch_rows=8,
                             num_workers=mini.num_workers, eval_limit=mini.eval_limit, eval_every=0,
                             checkpoint_every=10, progress=mini.progress, **kw)
 
 
+def build_expert_corpus(mini: MiniConfig) -> Path:
+    """Stage 1. Builds (or resumes) the corpus here, unless a build started elsewhere holds it: then waits
+    until it has `corpus_min_games` games and goes on (the teacher's later epochs take up the new shards)."""
+    corpus = Path(mini.corpus_dir)
+    if corpus.is_dir() and _build_running(corpus):
+        first = set(_shuffled_game_ids(mini)[:mini.corpus_min_games])
+        while missing := first - {r["game"] for r in ec.load_corpus(corpus)}:
+            print(f"[mini_repro] corpus: waiting for the running build ({len(missing)} of the first "
+                  f"{mini.corpus_min_games} games to go)", flush=True)
+            time.sleep(60)
+        return corpus
+    return ec.build_corpus(mini.env, "train", corpus, num_workers=mini.corpus_workers, limit=mini.corpus_games,
+                           env_kwargs={"gold_path": True} if mini.env == "scienceworld" else None,
+                           progress=mini.progress)
+
+
+def _shuffled_game_ids(mini: MiniConfig) -> list[str]:
+    """Train games in the corpus's build order (its seeded shuffle)."""
+    tasks = list_tasks(mini.env, "train")
+    seed = ec.corpus_meta(mini.corpus_dir)["seed"]
+    return [ec.game_id(tasks[i]) for i in np.random.default_rng(seed).permutation(len(tasks))]
+
+
+def _build_running(corpus: Path) -> bool:
+    with open(corpus / ".lock", "w") as f:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return True
+        fcntl.flock(f, fcntl.LOCK_UN)
+        return False
+
+
+def rollout_settings(mini: MiniConfig, max_turns: int | None = None, temperature: float = 0.4) -> RolloutConfig:
+    """The prompt format every stage shares (teacher and students): no thinking, k_history, prompt cap."""
+    return RolloutConfig(env=mini.env, max_turns=max_turns or mini.max_turns, max_new_tokens=mini.max_new_tokens,
+                         temperature=temperature, k_history=mini.k_history, think=False,
+                         max_prompt_tokens=mini.max_prompt_tokens)
+
+
 def build_tokenizer(mini: MiniConfig, out: Path):
-    """Train the tokenizer on real expert transcripts: replay walkthroughs on train games and render every
-    turn's prompt and reply. A throwaway byte-level tokenizer carries the first pass (rendering only)."""
+    """Stage 2. A byte-level BPE trained on the rendered text of the first `tokenizer_games` games of the
+    corpus's seeded shuffle (prompts as the agent sees them, and replies)."""
     if (out / "tokenizer.json").is_file():
         return load_tokenizer(out)
-    tasks = list_tasks(mini.env, "train")[::max(1, len(list_tasks(mini.env, "train")) // mini.corpus_tasks)]
-    seed_text = [m["content"] for m in build_messages("", [], "", [], mini.env, think=False)]
-    bootstrap = train_bpe_tokenizer(seed_text, 300, out / "bootstrap")
+    by_id = {r["game"]: r for r in ec.load_corpus(mini.corpus_dir)}
+    records = [by_id[g] for g in _shuffled_game_ids(mini)[:mini.tokenizer_games] if g in by_id]
+    texts = []
+    for t in ec.iter_turns(records):
+        texts += [m["content"] for m in build_messages(t.goal, list(t.history), t.observation, t.admissible_actions,
+                                                       mini.env, k_history=mini.k_history, think=False)]
+        texts.append(f"<action>{t.action}</action>")
+    return train_bpe_tokenizer(texts, mini.vocab_size, out)
+
+
+def _eval_teacher(mini: MiniConfig, tokenizer, params, config: Qwen3Config, tasks: list, seed: int) -> dict:
     with EnvPool(mini.env, num_workers=mini.num_workers) as pool:
-        runner = RolloutRunner(pool, bootstrap, RolloutConfig(env=mini.env, max_turns=50, think=False))
-        episodes, _ = runner.run(tasks[:mini.corpus_tasks], {STUDENT: EXPERT, TEACHER: EXPERT},
-                                 owners_from_beta(1.0), jax.random.PRNGKey(0), progress=mini.progress,
-                                 desc="expert corpus")
-    corpus = [bootstrap.decode(list(t.prompt_ids) + list(t.response_ids)) for e in episodes for t in e.turns]
-    return train_bpe_tokenizer(corpus, mini.vocab_size, out)
+        runner = RolloutRunner(pool, tokenizer, rollout_settings(mini, max_turns=mini.teacher_eval_turns))
+        summary, _ = evaluate_policy(runner, tasks, Policy(params, config), jax.random.PRNGKey(seed), mini.progress)
+    return summary
+
+
+def _write_curve(out: Path, curve: list[dict]) -> None:
+    (out / "curve.json").write_text(json.dumps(curve, indent=2))
+    lines = ["| step | epoch | corpus games | train tokens (M) | loss tokens (M) | train loss | eval games | "
+             "Success Rate (%) | valid actions (%) | Rounds |", "|---|---|---|---|---|---|---|---|---|---|"]
+    lines += [f"| {c['step']} | {c['epoch']} | {c['corpus_games']} | {c['train_tokens'] / 1e6:.2f} | "
+              f"{c['loss_tokens'] / 1e6:.3f} | {c['train_loss']:.3f} | {c['eval']['n']} | {c['eval']['success_rate']:.1f} | "
+              f"{c['eval']['valid_action_rate']:.1f} | {c['eval']['rounds']:.1f} |" for c in curve]
+    (out / "curve.md").write_text("\n".join(lines) + "\n")
+
+
+def train_teacher(mini: MiniConfig, tokenizer, out: Path) -> str:
+    """Stage 3. SFT of a Qwen3-MoE teacher from the rendered corpus; checkpointed and resumable. Success rate
+    against training tokens on a stratified valid_unseen draw at `teacher_eval_steps`, and on the whole of
+    valid_unseen at the end (final_eval.json). Returns the final model directory."""
+    final = out / "final_model"
+    if (out / "final_eval.json").is_file():
+        return str(final)
+    out.mkdir(parents=True, exist_ok=True)
+    config = _teacher_config(mini, len(tokenizer))
+    render = rollout_settings(mini)
+    # Each epoch trains on the shards stored when it starts (a corpus still being built grows between epochs);
+    # epochs.json pins them so a resumed run replays the same batches.
+    epochs_file = out / "epochs.json"
+    epochs = json.loads(epochs_file.read_text()) if epochs_file.is_file() else []
+
+    @functools.lru_cache(maxsize=2)
+    def corpus_for(epoch: int) -> ec.RenderedCorpus:
+        if epoch >= len(epochs):
+            epochs.append(sorted(p.name for p in Path(mini.corpus_dir).glob("shard-*.jsonl")))
+            epochs_file.write_text(json.dumps(epochs))
+        return ec.render_corpus(mini.corpus_dir, tokenizer, render, shards=epochs[epoch], progress=mini.progress)
+
+    schedule = optax.warmup_cosine_decay_schedule(0.0, mini.teacher_lr, min(200, mini.teacher_steps // 10 + 1),
+                                                  mini.teacher_steps, end_value=mini.teacher_lr / 10)
+    optimizer = make_optimizer(schedule, weight_decay=0.01)
+    state = init_train_state(init_params(config, jax.random.PRNGKey(0)), optimizer, jax.random.PRNGKey(0))
+    ckpt = Checkpointer(out / "checkpoints", max_to_keep=2)
+    totals = {"train_tokens": 0, "loss_tokens": 0}
+    start = 0
+    if ckpt.latest_step() is not None:
+        state, extra = ckpt.restore(state)
+        start, totals = extra["next_step"], extra["totals"]
+        print(f"[mini_repro] teacher: resumed at step {start}", flush=True)
+    curve = json.loads((out / "curve.json").read_text()) if (out / "curve.json").is_file() else []
+    curve = [c for c in curve if c["step"] <= start]
+    update = jit_update_step(functools.partial(sft_loss_fn, config=config), optimizer)
+    eval_tasks = stratified_draw(list_tasks(mini.env, "valid_unseen"), mini.teacher_eval_games, seed=0)
+    widths = ec.bucket_widths(mini.max_prompt_tokens + 32)
+    log = open(out / "metrics.jsonl", "a")
+    t0, losses = time.perf_counter(), []
+    for step, epoch, batch in ec.sft_batches(corpus_for, mini.teacher_tokens_per_batch, seed=0, start_step=start,
+                                             widths=widths, pad_id=tokenizer.pad_token_id or 0):
+        if step >= mini.teacher_steps:
+            break
+        state, metrics = update(state, batch)
+        totals["train_tokens"] += int((batch["tokens"] != (tokenizer.pad_token_id or 0)).sum())
+        totals["loss_tokens"] += int(batch["loss_mask"].sum())
+        losses.append(float(metrics["loss"]))
+        done = step + 1
+        if done % 25 == 0:
+            rec = {"step": done, "epoch": epoch, "loss": statistics.fmean(losses), **totals,
+                   "s_per_step": (time.perf_counter() - t0) / len(losses), "width": batch["tokens"].shape[1]}
+            log.write(json.dumps(rec) + "\n")
+            log.flush()
+            print(f"[mini_repro] teacher step {done}/{mini.teacher_steps} epoch {epoch} loss {rec['loss']:.3f} "
+                  f"tokens {totals['train_tokens'] / 1e6:.2f}M ({rec['s_per_step']:.2f} s/step)", flush=True)
+            t0, losses = time.perf_counter(), []
+        if done in mini.teacher_eval_steps or done == mini.teacher_steps:
+            summary = _eval_teacher(mini, tokenizer, state.params, config, eval_tasks, seed=done)
+            curve.append({"step": done, "epoch": epoch, "corpus_games": len(corpus_for(epoch).games), **totals,
+                          "train_loss": float(metrics["loss"]), "eval": summary})
+            _write_curve(out, curve)
+            print(f"[mini_repro] teacher step {done}: {summary['success_rate']:.1f}% success on "
+                  f"{summary['n']} stratified valid_unseen games", flush=True)
+            t0 = time.perf_counter()  # the step timing excludes evaluations
+        if done % mini.teacher_checkpoint_every == 0 or done == mini.teacher_steps:
+            ckpt.save(done, state, {"next_step": done, "totals": totals})
+    log.close()
+    ckpt.close()
+    save_hf_checkpoint(jax.device_get(state.params), config, final)
+    tokenizer.save_pretrained(final)
+    tasks = list_tasks(mini.env, "valid_unseen")
+    if mini.teacher_final_eval_games is not None:
+        tasks = stratified_draw(tasks, mini.teacher_final_eval_games, seed=1)
+    summary = _eval_teacher(mini, tokenizer, *load_hf_checkpoint(final, dtype=jnp.float32), tasks, seed=1)
+    (out / "final_eval.json").write_text(json.dumps(summary, indent=2))
+    print(f"[mini_repro] teacher on {summary['n']} valid_unseen games:\n{format_table(summary)}", flush=True)
+    return str(final)
 
 
 def random_checkpoint(config: Qwen3Config, tokenizer, out: Path, seed: int) -> str:
@@ -121,15 +295,26 @@ def train_stage(cfg: ExperimentConfig) -> tuple[dict, str]:
     return run_experiment(cfg), str(Path(cfg.out_dir) / "final_model")
 
 
-def run(mini: MiniConfig) -> str:
+STAGES = ("corpus", "tokenizer", "teacher", "all")
+
+
+def run(mini: MiniConfig, until: str = "all") -> str:
     root = Path(mini.out_dir)
+    print(f"[mini_repro] stage 1/4: expert corpus in {mini.corpus_dir}", flush=True)
+    build_expert_corpus(mini)
+    if until == "corpus":
+        return ""
+    print(f"[mini_repro] stage 2/4: tokenizer in {root / 'tokenizer'}", flush=True)
     tokenizer = build_tokenizer(mini, root / "tokenizer")
     vocab = len(tokenizer)
-    teacher_cfg = _teacher_config(mini, vocab)
-    teacher_init = random_checkpoint(teacher_cfg, tokenizer, root / "teacher_init", seed=0)
-    teacher_eval, teacher = train_stage(_base(mini, name="teacher_sft", out_dir=str(root / "teacher_sft"),
-                                              method="sft", student=teacher_init, teacher=teacher_init,
-                                              steps=mini.teacher_sft_steps))
+    if until == "tokenizer":
+        return ""
+    print(f"[mini_repro] stage 3/4: teacher ({_teacher_config(mini, vocab).num_params() / 1e6:.2f}M params) in "
+          f"{root / 'teacher'}", flush=True)
+    teacher = train_teacher(mini, tokenizer, root / "teacher")
+    if until == "teacher":
+        return ""
+    print("[mini_repro] stage 4/4: students and the method grid", flush=True)
     students = {}
     for hidden in mini.student_hidden:
         init = random_checkpoint(_dense(vocab, hidden, mini.student_layers), tokenizer, root / f"student_d{hidden}_init",
@@ -167,7 +352,7 @@ def report(mini: MiniConfig) -> str:
     """Build results.md from the finished runs on disk (also usable while the grid is still running)."""
     root = Path(mini.out_dir)
     vocab = len(load_tokenizer(root / "tokenizer"))
-    rows = [("teacher (SFT, MoE)", _teacher_config(mini, vocab).num_params(), "-", _final_evals(root, "teacher_sft"), [])]
+    rows = [("teacher (SFT, MoE)", _teacher_config(mini, vocab).num_params(), "-", _final_evals(root, "teacher"), [])]
     for hidden in mini.student_hidden:
         n = _dense(vocab, hidden, mini.student_layers).num_params()
         rows.append((f"student d{hidden} (start)", n, "warm-up SFT", _final_evals(root, f"d{hidden}_warmup"), []))
@@ -262,11 +447,12 @@ def main(argv=None):
     ap.add_argument("--preset", choices=sorted(PRESETS), default="full")
     ap.add_argument("--out-dir", default=None)
     ap.add_argument("--no-progress", action="store_true")
+    ap.add_argument("--until", choices=STAGES, default="all", help="stop after this stage")
     ap.add_argument("--report-only", action="store_true", help="rebuild results.md from the finished runs")
     args = ap.parse_args(argv)
     mini = PRESETS[args.preset]
     mini = dataclasses.replace(mini, out_dir=args.out_dir or mini.out_dir, progress=not args.no_progress)
-    report(mini) if args.report_only else run(mini)
+    report(mini) if args.report_only else run(mini, args.until)
 
 
 if __name__ == "__main__":

@@ -29,7 +29,7 @@ import json
 import os
 import tempfile
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -387,17 +387,23 @@ def epoch_plan(rendered: RenderedCorpus, tokens_per_batch: int, seed: int, epoch
     return [plan[i] for i in rng.permutation(len(plan))]
 
 
-def sft_batches(rendered: RenderedCorpus, tokens_per_batch: int, *, seed: int = 0, start_step: int = 0,
-                widths: Sequence[int] | None = None, pad_id: int = 0) -> Iterator[tuple[int, dict[str, np.ndarray]]]:
-    """Endless (step, batch) stream over epochs from `start_step` on; batch shapes are
-    `[tokens_per_batch // w, w]` for the bucket widths w, so a jitted update compiles once per width."""
+def sft_batches(corpus: RenderedCorpus | Callable[[int], RenderedCorpus], tokens_per_batch: int, *, seed: int = 0,
+                start_step: int = 0, widths: Sequence[int] | None = None,
+                pad_id: int = 0) -> Iterator[tuple[int, int, dict[str, np.ndarray]]]:
+    """Endless (step, epoch, batch) stream from `start_step` on; batch shapes are `[tokens_per_batch // w, w]`
+    for the bucket widths w, so a jitted update compiles once per width. `corpus` may be a function of the
+    epoch (a corpus still growing: each epoch trains on what it returns), called once per epoch."""
     step, epoch = 0, 0
     while True:
+        rendered = corpus(epoch) if callable(corpus) else corpus
         plan = epoch_plan(rendered, tokens_per_batch, seed, epoch, widths)
-        for width, rows in plan:
-            if step >= start_step:
-                yield step, sft_batch(rendered, rows, max(1, tokens_per_batch // width), width, pad_id)
-            step += 1
+        if step + len(plan) > start_step:
+            for width, rows in plan:
+                if step >= start_step:
+                    yield step, epoch, sft_batch(rendered, rows, max(1, tokens_per_batch // width), width, pad_id)
+                step += 1
+        else:
+            step += len(plan)
         epoch += 1
 
 

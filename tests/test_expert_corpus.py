@@ -16,7 +16,9 @@ from gopd_jax.envs import EnvPool  # noqa: E402
 from gopd_jax.envs.prompting import build_messages  # noqa: E402
 from gopd_jax.expert_corpus import (build_corpus, epoch_plan, iter_turns, load_corpus, render_corpus,  # noqa: E402
                                     sft_batch, sft_batches)
-from gopd_jax.rollout import EXPERT, STUDENT, TEACHER, RolloutConfig, RolloutRunner, owners_from_beta  # noqa: E402
+from gopd_jax.methods import owners_from_beta  # noqa: E402
+from gopd_jax.records import EXPERT, STUDENT, TEACHER  # noqa: E402
+from gopd_jax.rollout import RolloutConfig, RolloutRunner  # noqa: E402
 from gopd_jax.tokenizer import train_bpe_tokenizer  # noqa: E402
 
 GAMES = 3
@@ -135,9 +137,10 @@ def test_epoch_plan_is_static_shaped_and_covers_each_row_once(corpus, tokenizer,
     assert all(rendered.lengths[r].max() <= w for w, r in plan)
     assert epoch_plan(rendered, 4096, 0, 0)[0][1].tolist() == plan[0][1].tolist()  # a pure function of (seed, epoch)
     stream = sft_batches(rendered, 4096, seed=0)
-    shapes = {next(stream)[1]["tokens"].shape for _ in range(2 * len(plan))}
-    assert shapes <= {(4096 // w, w) for w, _ in plan}
-    # Resuming at step s yields the batch a fresh stream yields at step s.
-    step, resumed = next(sft_batches(rendered, 4096, seed=0, start_step=3))
-    fresh = [b for s, b in zip(range(4), (b for _, b in sft_batches(rendered, 4096, seed=0)))][3]
-    assert step == 3 and all(np.array_equal(resumed[k], fresh[k]) for k in fresh)
+    first = [next(stream) for _ in range(2 * len(plan) + 1)]
+    assert {b["tokens"].shape for _, _, b in first} <= {(4096 // w, w) for w, _ in plan}
+    assert [e for _, e, _ in first] == [0] * len(plan) + [1] * len(plan) + [2]
+    # Resuming at step s (here inside the second epoch) yields the batch a fresh stream yields at step s.
+    s = len(plan) + 1
+    step, epoch, resumed = next(sft_batches(rendered, 4096, seed=0, start_step=s))
+    assert (step, epoch) == (s, 1) and all(np.array_equal(resumed[k], first[s][2][k]) for k in resumed)
