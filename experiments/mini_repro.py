@@ -199,6 +199,8 @@ def train_teacher(mini: MiniConfig, tokenizer, out: Path) -> str:
     out.mkdir(parents=True, exist_ok=True)
     config = _teacher_config(mini, len(tokenizer))
     render = rollout_settings(mini)
+    (out / "config.json").write_text(json.dumps({"mini": dataclasses.asdict(mini), "model": dataclasses.asdict(config),
+                                                 "params": config.num_params()}, indent=2))
     # Each epoch trains on the shards stored when it starts (a corpus still being built grows between epochs);
     # epochs.json pins them so a resumed run replays the same batches.
     epochs_file = out / "epochs.json"
