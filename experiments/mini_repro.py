@@ -240,7 +240,7 @@ def train_teacher(mini: MiniConfig, tokenizer, out: Path) -> str:
         totals["loss_tokens"] += int(batch["loss_mask"].sum())
         losses.append(float(metrics["loss"]))
         done = step + 1
-        if done % 25 == 0:
+        if done % 10 == 0:
             rec = {"step": done, "epoch": epoch, "loss": statistics.fmean(losses), **totals,
                    "s_per_step": (time.perf_counter() - t0) / len(losses), "width": batch["tokens"].shape[1]}
             log.write(json.dumps(rec) + "\n")
