@@ -20,6 +20,7 @@ resumable after a kill:
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import fcntl
 import functools
@@ -86,6 +87,7 @@ class MiniConfig:
     eval_limit: int = 30
     num_workers: int = 2  # environment worker processes (the reference machine has 2 cores)
     progress: bool = True
+    quiet: bool = False  # one console line per stage; each stage's own output goes to <out_dir>/logs/
 
     def __post_init__(self):
         if self.tokenizer_games > self.corpus_min_games:
@@ -98,7 +100,7 @@ PRESETS = {
     "quick": MiniConfig(out_dir="runs/quickstart", corpus_dir="runs/quickstart/corpus", corpus_games=12,
                         corpus_min_games=12, tokenizer_games=12, vocab_size=512, teacher_layers=2, teacher_hidden=64,
                         teacher_experts=4, teacher_steps=40, teacher_tokens_per_batch=4096,
-                        teacher_eval_steps=(20,), teacher_eval_games=6, teacher_eval_turns=6,
+                        teacher_eval_steps=(), teacher_eval_games=6, teacher_eval_turns=6,
                         teacher_final_eval_games=6,
                         teacher_checkpoint_every=20, student_hidden=(32,),
                         warmup_sft_steps=2, distill_steps=3, batch_tasks=2, methods=("opd", "guided_opd"),
@@ -129,7 +131,6 @@ def build_expert_corpus(mini: MiniConfig) -> Path:
             time.sleep(60)
         return corpus
     return ec.build_corpus(mini.env, "train", corpus, num_workers=mini.corpus_workers, limit=mini.corpus_games,
-                           env_kwargs={"gold_path": True} if mini.env == "scienceworld" else None,
                            progress=mini.progress)
 
 
@@ -300,38 +301,57 @@ def train_stage(cfg: ExperimentConfig) -> tuple[dict, str]:
 STAGES = ("corpus", "tokenizer", "teacher", "all")
 
 
+@contextlib.contextmanager
+def stage(mini: MiniConfig, name: str, what: str):
+    """Announces a stage. With `mini.quiet` the stage's own output (configs, progress) goes to
+    `<out_dir>/logs/<name>.log` and the console gets one line when the stage ends."""
+    if not mini.quiet:
+        print(f"[mini_repro] {name}: {what}", flush=True)
+        yield
+        return
+    log = Path(mini.out_dir) / "logs" / f"{name}.log"
+    log.parent.mkdir(parents=True, exist_ok=True)
+    t0 = time.perf_counter()
+    with open(log, "a") as f, contextlib.redirect_stdout(f), contextlib.redirect_stderr(f):
+        yield
+    print(f"[mini_repro] {name:<20} {time.perf_counter() - t0:5.0f} s  {what}  (log: {log})", flush=True)
+
+
 def run(mini: MiniConfig, until: str = "all") -> str:
     root = Path(mini.out_dir)
-    print(f"[mini_repro] stage 1/4: expert corpus in {mini.corpus_dir}", flush=True)
-    build_expert_corpus(mini)
+    with stage(mini, "corpus", f"expert corpus in {mini.corpus_dir}"):
+        build_expert_corpus(mini)
     if until == "corpus":
         return ""
-    print(f"[mini_repro] stage 2/4: tokenizer in {root / 'tokenizer'}", flush=True)
-    tokenizer = build_tokenizer(mini, root / "tokenizer")
+    with stage(mini, "tokenizer", f"BPE tokenizer ({mini.vocab_size} tokens) in {root / 'tokenizer'}"):
+        tokenizer = build_tokenizer(mini, root / "tokenizer")
     vocab = len(tokenizer)
     if until == "tokenizer":
         return ""
-    print(f"[mini_repro] stage 3/4: teacher ({_teacher_config(mini, vocab).num_params() / 1e6:.2f}M params) in "
-          f"{root / 'teacher'}", flush=True)
-    teacher = train_teacher(mini, tokenizer, root / "teacher")
+    with stage(mini, "teacher", f"Qwen3-MoE teacher ({_teacher_config(mini, vocab).num_params() / 1e6:.2f}M params), "
+                                f"{mini.teacher_steps} SFT steps from the corpus, in {root / 'teacher'}"):
+        teacher = train_teacher(mini, tokenizer, root / "teacher")
     if until == "teacher":
         return ""
-    print("[mini_repro] stage 4/4: students and the method grid", flush=True)
     students = {}
     for hidden in mini.student_hidden:
-        init = random_checkpoint(_dense(vocab, hidden, mini.student_layers), tokenizer, root / f"student_d{hidden}_init",
-                                 seed=1)
-        _, students[hidden] = train_stage(_base(mini, name=f"d{hidden}_warmup", out_dir=str(root / f"d{hidden}_warmup"),
-                                                method="sft", student=init, teacher=teacher,
-                                                steps=mini.warmup_sft_steps))
+        name = f"d{hidden}_warmup"
+        with stage(mini, name, f"dense student d{hidden}, {mini.warmup_sft_steps} warm-up SFT steps, in {root / name}"):
+            init = random_checkpoint(_dense(vocab, hidden, mini.student_layers), tokenizer,
+                                     root / f"student_d{hidden}_init", seed=1)
+            _, students[hidden] = train_stage(_base(mini, name=name, out_dir=str(root / name), method="sft",
+                                                    student=init, teacher=teacher, steps=mini.warmup_sft_steps))
     # Seed-major order: an interrupted table still compares every method on the same seeds.
     table = ""
     for seed in mini.seeds:
         for hidden, warm in students.items():
             for method in mini.methods + (("sft",) if seed in mini.sft_baseline_seeds else ()):
-                train_stage(_base(mini, name=f"d{hidden}_{method}_s{seed}", out_dir=str(root / f"d{hidden}_{method}_s{seed}"),
-                                  method=method, student=warm, teacher=teacher, steps=mini.distill_steps, seed=seed))
-        table = report(mini)
+                name = f"d{hidden}_{method}_s{seed}"
+                with stage(mini, name, f"{method}, {mini.distill_steps} steps, in {root / name}"):
+                    train_stage(_base(mini, name=name, out_dir=str(root / name), method=method, student=warm,
+                                      teacher=teacher, steps=mini.distill_steps, seed=seed))
+        with stage(mini, "report", f"results table in {root / 'results.md'}"):
+            table = report(mini)
     return table
 
 

@@ -112,7 +112,7 @@ def replay_expert_episodes(pool: EnvPool, tasks: Sequence[TaskSpec], max_turns: 
     """Play each task's expert actions to the end (or `max_turns`), keeping every worker busy; yields one
     record per finished game, in completion order. Games whose environment failed are skipped (logged)."""
     todo = list(reversed(tasks))
-    running: dict[int, dict] = {}  # slot -> {"task", "goal", "actions", "turns", "last"}
+    running: dict[int, dict] = {}  # slot -> {"task", "goal", "actions", "turns"}
 
     def start(slot: int) -> None:
         if todo:
@@ -163,9 +163,13 @@ def build_corpus(env_name: str, split: str, out_dir: str | os.PathLike, *, num_w
                  max_turns: int | None = None, env_kwargs: dict | None = None, data_dir: str | None = None,
                  progress: bool = True) -> Path:
     """Replay the expert on the tasks of `split` (a seeded shuffle; the first `limit` of it) into `out_dir`.
+    `env_kwargs` default: what the environment needs for its expert (ScienceWorld: gold paths).
 
     Resumable: games already in a shard are skipped. A shard is written (atomically) every `shard_games`
     games or `shard_seconds` seconds, whichever comes first, so a kill loses at most that much work."""
+    from gopd_jax.rollout import env_kwargs as expert_env_kwargs
+
+    env_kwargs = expert_env_kwargs(env_name, expert=True) if env_kwargs is None else env_kwargs
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     with _exclusive(out):
@@ -419,9 +423,8 @@ def main(argv=None) -> None:
     ap.add_argument("--shard-games", type=int, default=50, help="games per shard (at most this many lost to a kill)")
     ap.add_argument("--no-progress", action="store_true")
     args = ap.parse_args(argv)
-    env_kwargs = {"gold_path": True} if args.env == "scienceworld" else None
     out = build_corpus(args.env, args.split, args.out, num_workers=args.workers, limit=args.limit, seed=args.seed,
-                       max_turns=args.max_turns, env_kwargs=env_kwargs, shard_games=args.shard_games, progress=not args.no_progress)
+                       max_turns=args.max_turns, shard_games=args.shard_games, progress=not args.no_progress)
     records = load_corpus(out)
     print(f"[expert_corpus] {out}: {len(records)} games, {sum(len(r['turns']) for r in records)} turns, "
           f"{sum(r['won'] for r in records)} won", flush=True)
