@@ -249,7 +249,7 @@ def train_teacher(mini: MiniConfig, tokenizer, out: Path) -> str:
             print(f"[mini_repro] teacher step {done}/{mini.teacher_steps} epoch {epoch} loss {rec['loss']:.3f} "
                   f"tokens {totals['train_tokens'] / 1e6:.2f}M ({rec['s_per_step']:.2f} s/step)", flush=True)
             t0, losses = time.perf_counter(), []
-        if done in mini.teacher_eval_steps or done == mini.teacher_steps:
+        if done in mini.teacher_eval_steps or (done == mini.teacher_steps and mini.teacher_eval_steps):
             summary = _eval_teacher(mini, tokenizer, state.params, config, eval_tasks, seed=done)
             curve.append({"step": done, "epoch": epoch, "corpus_games": len(corpus_for(epoch).games), **totals,
                           "train_loss": float(metrics["loss"]), "eval": summary})

@@ -12,10 +12,10 @@ import pytest
 
 pytest.importorskip("alfworld", reason="alfworld is not installed (pip install alfworld)")
 
-from gopd_jax.envs import EnvPool  # noqa: E402
+from gopd_jax.envs import EnvPool, list_tasks  # noqa: E402
 from gopd_jax.envs.prompting import build_messages  # noqa: E402
-from gopd_jax.expert_corpus import (build_corpus, epoch_plan, iter_turns, load_corpus, render_corpus,  # noqa: E402
-                                    sft_batch, sft_batches)
+from gopd_jax.expert_corpus import (build_corpus, epoch_plan, game_id, iter_turns, load_corpus,  # noqa: E402
+                                    render_corpus, sft_batch, sft_batches)
 from gopd_jax.methods import owners_from_beta  # noqa: E402
 from gopd_jax.records import EXPERT, STUDENT, TEACHER  # noqa: E402
 from gopd_jax.rollout import RolloutConfig, RolloutRunner  # noqa: E402
@@ -47,6 +47,12 @@ def tokenizer(tmp_path_factory, corpus):
     texts = [m["content"] for t in iter_turns(load_corpus(corpus)) for m in
              build_messages(t.goal, list(t.history), t.observation, t.admissible_actions, "alfworld", think=False)]
     return train_bpe_tokenizer(texts, 400, tmp_path_factory.mktemp("tok"))
+
+
+@pytest.fixture(scope="module")
+def pool():
+    with EnvPool("alfworld", num_workers=1) as p:
+        yield p
 
 
 def test_corpus_holds_every_expert_turn(corpus):
@@ -84,20 +90,15 @@ def test_rebuild_with_other_settings_is_refused(corpus):
 
 
 @pytest.mark.parametrize("think,max_prompt_tokens", [(False, 10_240), (True, 260)])
-def test_rendered_ids_equal_what_the_rollout_feeds(corpus, tokenizer, tmp_path, think, max_prompt_tokens):
+def test_rendered_ids_equal_what_the_rollout_feeds(corpus, tokenizer, pool, tmp_path, monkeypatch, think,
+                                                   max_prompt_tokens):
     cfg = RolloutConfig(env="alfworld", think=think, k_history=2, max_prompt_tokens=max_prompt_tokens)
     rendered = render_corpus(corpus, tokenizer, cfg, cache_dir=tmp_path, progress=False)
     records = load_corpus(corpus)
-    tasks = {}
-    from gopd_jax.envs import list_tasks
-    from gopd_jax.expert_corpus import game_id
-    for task in list_tasks("alfworld", "train"):
-        tasks[game_id(task)] = task
-    with EnvPool("alfworld", num_workers=1) as pool:
-        episodes, _ = RolloutRunner(pool, tokenizer, cfg).run([tasks[r["game"]] for r in records],
-                                                              {STUDENT: EXPERT, TEACHER: EXPERT},
-                                                              owners_from_beta(1.0), jax.random.PRNGKey(0),
-                                                              progress=False)
+    tasks = {game_id(task): task for task in list_tasks("alfworld", "train")}
+    episodes, _ = RolloutRunner(pool, tokenizer, cfg).run([tasks[r["game"]] for r in records],
+                                                          {STUDENT: EXPERT, TEACHER: EXPERT}, owners_from_beta(1.0),
+                                                          jax.random.PRNGKey(0), progress=False)
     expected = {(game_id(e.task), i): (t.prompt_ids, t.response_ids) for e in episodes for i, t in enumerate(e.turns)}
     assert len(rendered) == len(expected) == sum(len(r["turns"]) for r in records)
     for i in range(len(rendered)):
@@ -107,7 +108,8 @@ def test_rendered_ids_equal_what_the_rollout_feeds(corpus, tokenizer, tmp_path, 
         np.testing.assert_array_equal(reply, want_reply)
     if max_prompt_tokens < 10_240:
         assert rendered.prompt_lengths.max() <= max_prompt_tokens
-    # The second call reads the cache: same arrays, no re-rendering.
+    # The second call reads the cache: same arrays, nothing rendered again.
+    monkeypatch.setattr("gopd_jax.expert_corpus.render_turn", lambda *a, **k: pytest.fail("rendered again"))
     again = render_corpus(corpus, tokenizer, cfg, cache_dir=tmp_path, progress=False)
     np.testing.assert_array_equal(again.tokens, rendered.tokens)
     assert len(list(tmp_path.glob("*.npz"))) == len(list(corpus.glob("shard-*.jsonl")))
