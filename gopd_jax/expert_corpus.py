@@ -38,7 +38,8 @@ from tqdm.auto import tqdm
 from gopd_jax.envs import EnvPool, StepResult, TaskSpec, list_tasks
 from gopd_jax.envs.prompting import fit_prompt
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 1  # of the raw store (meta.json)
+RENDER_VERSION = 2  # of the rendered .npz cache
 _SHARD_GLOB = "shard-*.jsonl"
 
 
@@ -285,7 +286,7 @@ def render_corpus(corpus_dir: str | os.PathLike, tokenizer, rollout_config, *, s
         raise ValueError(f"corpus {corpus_dir} is {meta['env']}, the rollout config is {c.env}")
     names = list(shards) if shards is not None else [p.name for p in _shards(corpus_dir)]
     settings = {"env": c.env, "k_history": c.k_history, "think": c.think, "max_prompt_tokens": c.max_prompt_tokens,
-                "won_only": won_only, "format_version": FORMAT_VERSION, "tokenizer": tokenizer_fingerprint(tokenizer)}
+                "won_only": won_only, "render_version": RENDER_VERSION, "tokenizer": tokenizer_fingerprint(tokenizer)}
     cache = Path(cache_dir or corpus_dir / "rendered")
     parts = [_render_shard(corpus_dir / name, tokenizer, c, settings, cache, progress) for name in names]
     rendered = _concat(parts)
@@ -303,7 +304,7 @@ def _render_shard(shard: Path, tokenizer, rollout_config, settings: dict, cache_
     cache = cache_dir / f"{shard.stem}-{key}.npz"
     if cache.is_file():
         with np.load(cache) as z:
-            return RenderedCorpus(z["tokens"], z["offsets"], z["prompt_lengths"], z["game_index"], z["turn"],
+            return RenderedCorpus(z["tokens"].astype(np.int32), z["offsets"], z["prompt_lengths"], z["game_index"], z["turn"],
                                   tuple(z["games"].tolist()), tuple(z["task_types"].tolist()))
     records = [r for r in map(json.loads, data.decode().splitlines()) if r["won"] or not settings["won_only"]]
     runner = RolloutRunner(None, tokenizer, rollout_config)
@@ -325,9 +326,13 @@ def _render_shard(shard: Path, tokenizer, rollout_config, settings: dict, cache_
     cache_dir.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{cache.stem}-", suffix=".npz", dir=cache_dir)
     with os.fdopen(fd, "wb") as f:
-        np.savez(f, tokens=rendered.tokens, offsets=rendered.offsets, prompt_lengths=rendered.prompt_lengths,
-                 game_index=rendered.game_index, turn=rendered.turn, games=np.asarray(rendered.games, dtype=str),
-                 task_types=np.asarray(rendered.task_types, dtype=str), settings=json.dumps(settings))
+        # Compressed, and 16-bit ids where the vocabulary allows: the whole ALFWorld corpus is a few MB.
+        small = rendered.tokens.size == 0 or rendered.tokens.max() < 2 ** 16
+        np.savez_compressed(f, tokens=rendered.tokens.astype(np.uint16 if small else np.int32),
+                            offsets=rendered.offsets, prompt_lengths=rendered.prompt_lengths,
+                            game_index=rendered.game_index, turn=rendered.turn,
+                            games=np.asarray(rendered.games, dtype=str),
+                            task_types=np.asarray(rendered.task_types, dtype=str), settings=json.dumps(settings))
     os.replace(tmp, cache)
     return rendered
 
