@@ -438,7 +438,7 @@ def _ms(values, digits: int = 1):
 
 def results_table(rows, mini: MiniConfig) -> str:
     """rows: (model, params, method, final evals (one per seed), late-training KLs)."""
-    lines = [f"# Mini-scale Guided-OPD reproduction ({mini.env}, first {mini.eval_limit} valid_unseen games)", "",
+    lines = [f"# Mini-scale Guided-OPD reproduction ({mini.env}, a stratified draw of {mini.eval_limit} valid_unseen games)", "",
              f"distillation: {mini.distill_steps} steps x {mini.batch_tasks} tasks from one warm-up SFT init; eval at "
              "beta 0, temperature 0.4; mean ± std over seeds (n)", "",
              "| model | params | method (n) | Score | Success Rate (%) | Rounds | valid actions (%) | "

@@ -25,12 +25,13 @@ def plain_reading(root: Path, mini) -> str:
     """Two lines a newcomer can act on: what moved at this size, and the command for the real thing."""
     def cell(name):
         e = _eval(root, name)
-        return f"{e['valid_action_rate']:.0f}% valid actions, {e['success_rate']:.0f}% won" if e else "not run"
+        return (f"{e['valid_action_rate']:.0f}% valid actions, {e['success_rate']:.0f}% of {e['n']} games won" if e
+                else "not run")
 
     hidden = mini.student_hidden[0]
-    first = (f"At this size only the valid-action rate moves: teacher {cell('teacher')}; student d{hidden} after "
-             f"warm-up {cell(f'd{hidden}_warmup')}, after OPD {cell(f'd{hidden}_opd_s0')}, after Guided-OPD "
-             f"{cell(f'd{hidden}_guided_opd_s0')} (a handful of games and steps: success stays near zero).")
+    first = (f"Measured after a few steps: teacher {cell('teacher')}; student d{hidden} after warm-up {cell(f'd{hidden}_warmup')}, after OPD "
+             f"{cell(f'd{hidden}_opd_s0')}, after Guided-OPD {cell(f'd{hidden}_guided_opd_s0')} - at this size the "
+             "numbers only show that every stage runs, not what the method does.")
     second = ("For the real comparison run `./run experiments.mini_repro --preset full` (hours on CPU, resumable); "
               "its commands and measured table are in experiments/results/mini_repro/.")
     return f"{first}\n{second}"
