@@ -68,7 +68,8 @@ class MiniConfig:
     teacher_steps: int = 8000
     teacher_tokens_per_batch: int = 8192
     teacher_lr: float = 2e-3
-    teacher_eval_steps: tuple[int, ...] = (100, 250, 500, 1000, 2000, 4000, 6000)  # + the last step
+    teacher_eval_steps: tuple[int, ...] = (100, 250, 500, 750, 1000, 1500, 2000, 2500, 3000, 4000, 5000, 6000,
+                                           7000)  # + the last step
     teacher_eval_games: int = 30  # intermediate evals: a seeded draw stratified over task types
     teacher_eval_turns: int = 30
     teacher_final_eval_games: int | None = None  # None: every valid_unseen game
