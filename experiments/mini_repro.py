@@ -44,6 +44,7 @@ from gopd_jax.models import Qwen3Config, init_params, load_hf_checkpoint, save_h
 from gopd_jax.records import Policy
 from gopd_jax.rollout import RolloutConfig, RolloutRunner
 from gopd_jax.runner import run_experiment
+from gopd_jax.reporting import read_jsonl
 from gopd_jax.tokenizer import load_tokenizer, train_bpe_tokenizer
 from gopd_jax.train import init_train_state, jit_update_step, make_optimizer, sft_loss_fn
 
@@ -231,6 +232,9 @@ def train_teacher(mini: MiniConfig, tokenizer, out: Path) -> str:
     update = jit_update_step(functools.partial(sft_loss_fn, config=config), optimizer)
     eval_tasks = stratified_draw(list_tasks(mini.env, "valid_unseen"), mini.teacher_eval_games, seed=0)
     widths = ec.bucket_widths(mini.max_prompt_tokens + 32)
+    # A resumed run drops what the killed one logged past its checkpoint.
+    logged = [r for r in read_jsonl(out / "metrics.jsonl") if r["step"] <= start]
+    (out / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in logged))
     log = open(out / "metrics.jsonl", "a")
     t0, losses = time.perf_counter(), []
     for step, epoch, batch in ec.sft_batches(corpus_for, mini.teacher_tokens_per_batch, seed=0, start_step=start,
@@ -401,8 +405,6 @@ def comparison_plot(mini: MiniConfig, root: Path) -> None:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-
-    from gopd_jax.reporting import read_jsonl
 
     fig, ax = plt.subplots(len(mini.student_hidden), 3, figsize=(14, 4 * len(mini.student_hidden)), squeeze=False)
     for row, hidden in enumerate(mini.student_hidden):
