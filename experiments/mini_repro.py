@@ -75,6 +75,7 @@ class MiniConfig:
     teacher_eval_turns: int = 30
     teacher_final_eval_games: int | None = None  # None: every valid_unseen game
     teacher_checkpoint_every: int = 100
+    teacher_log_every: int = 10
     student_hidden: tuple[int, ...] = (48, 96)
     student_layers: int = 2
     warmup_sft_steps: int = 16
@@ -246,7 +247,7 @@ def train_teacher(mini: MiniConfig, tokenizer, out: Path) -> str:
         totals["loss_tokens"] += int(batch["loss_mask"].sum())
         losses.append(float(metrics["loss"]))
         done = step + 1
-        if done % 10 == 0:
+        if done % mini.teacher_log_every == 0:
             rec = {"step": done, "epoch": epoch, "loss": statistics.fmean(losses), **totals,
                    "s_per_step": (time.perf_counter() - t0) / len(losses), "width": batch["tokens"].shape[1]}
             log.write(json.dumps(rec) + "\n")

@@ -1,0 +1,66 @@
+"""The mini-scale teacher stage: SFT from the cached expert corpus, killed and resumed = trained in one go."""
+import dataclasses
+
+import jax
+import numpy as np
+import pytest
+
+pytest.importorskip("alfworld", reason="alfworld is not installed (pip install alfworld)")
+
+from experiments import mini_repro  # noqa: E402
+from gopd_jax.models import load_hf_checkpoint  # noqa: E402
+
+
+def _have_data():
+    from gopd_jax.envs.alfworld_env import resolve_data_dir
+    try:
+        resolve_data_dir()
+        return True
+    except FileNotFoundError:
+        return False
+
+
+pytestmark = pytest.mark.skipif(not _have_data(), reason="ALFWorld game files not found (alfworld-download)")
+
+
+@pytest.fixture(scope="module")
+def mini(tmp_path_factory):
+    root = tmp_path_factory.mktemp("mini")
+    mini = dataclasses.replace(
+        mini_repro.PRESETS["quick"], out_dir=str(root), corpus_dir=str(root / "corpus"), corpus_games=2,
+        corpus_min_games=2, tokenizer_games=2, corpus_workers=1, num_workers=1, vocab_size=300, max_prompt_tokens=480,
+        teacher_layers=1, teacher_hidden=32, teacher_experts=2, teacher_steps=4, teacher_tokens_per_batch=2048,
+        teacher_checkpoint_every=2, teacher_log_every=1, teacher_eval_steps=(), teacher_final_eval_games=1, teacher_eval_turns=1,
+        max_new_tokens=4, progress=False)
+    mini_repro.build_expert_corpus(mini)
+    return mini
+
+
+def _params(out):
+    return jax.tree.leaves(load_hf_checkpoint(out / "final_model")[0])
+
+
+def test_killed_teacher_resumes_to_the_same_weights(mini, tmp_path, monkeypatch):
+    tokenizer = mini_repro.build_tokenizer(mini, tmp_path / "tokenizer")
+    mini_repro.train_teacher(mini, tokenizer, tmp_path / "straight")
+
+    real = mini_repro.ec.sft_batches
+
+    def killed_at_step_3(*args, **kwargs):
+        for step, epoch, batch in real(*args, **kwargs):
+            if step == 3:
+                raise KeyboardInterrupt  # after the checkpoint of step 2
+            yield step, epoch, batch
+
+    monkeypatch.setattr(mini_repro.ec, "sft_batches", killed_at_step_3)
+    with pytest.raises(KeyboardInterrupt):
+        mini_repro.train_teacher(mini, tokenizer, tmp_path / "resumed")
+    assert not (tmp_path / "resumed" / "final_model").exists()
+    monkeypatch.setattr(mini_repro.ec, "sft_batches", real)
+    mini_repro.train_teacher(mini, tokenizer, tmp_path / "resumed")
+
+    for a, b in zip(_params(tmp_path / "straight"), _params(tmp_path / "resumed"), strict=True):
+        np.testing.assert_array_equal(a, b)
+    steps = [r["step"] for r in mini_repro.read_jsonl(tmp_path / "resumed" / "metrics.jsonl")]
+    assert steps == [1, 2, 3, 4]  # nothing lost or logged twice across the kill
+    assert (tmp_path / "resumed" / "final_eval.json").is_file()
