@@ -11,7 +11,8 @@ Three layers, each cached on disk:
    order, so a partial corpus is a uniform sample of the split.
 2. `render_corpus` turns it into token ids with a tokenizer and a `RolloutConfig`, through exactly the path
    the rollout uses (`fit_prompt` + `render_chat` for the prompt, `RolloutRunner.expert_reply` for the
-   reply), and caches the arrays in an `.npz` keyed by the tokenizer, the prompt settings and the corpus.
+   reply), and caches the arrays shard by shard (compressed `.npz`, keyed by the tokenizer, the prompt
+   settings and the shard's bytes), so a corpus still growing renders only its new shards.
 3. `sft_batches` cuts the rendered rows into static-shape `[B, T]` batches (a few width buckets), the
    input of `train.sft_loss_fn`.
 
