@@ -110,41 +110,31 @@ def _record(task: TaskSpec, goal: str, turns: list[dict], last: StepResult) -> d
             "score": last.score, "final_observation": last.observation, "turns": turns}
 
 
-def replay_expert_episodes(pool: EnvPool, tasks: Sequence[TaskSpec], max_turns: int | None = None) -> Iterator[dict]:
-    """Play each task's expert actions to the end (or `max_turns`), keeping every worker busy; yields one
-    record per finished game, in completion order. Games whose environment failed are skipped (logged)."""
-    todo = list(reversed(tasks))
-    running: dict[int, dict] = {}  # slot -> {"task", "goal", "actions", "turns"}
+def replay_expert_episodes(pool: EnvPool, tasks: Sequence[TaskSpec], max_turns: int | None = None,
+                           chunk: int = 32) -> Iterator[dict]:
+    """Play each task's expert actions to the end (or `max_turns`) through the rollout engine, `chunk` games
+    at a time; yields one record per finished game. Games whose environment failed are skipped (logged)."""
+    import jax
 
-    def start(slot: int) -> None:
-        if todo:
-            running[slot] = {"task": todo.pop(), "turns": []}
-            pool.reset_async({slot: running[slot]["task"]})
+    from gopd_jax.evaluate import EXPERT_TURN_LIMIT
+    from gopd_jax.methods import owners_from_beta
+    from gopd_jax.records import EXPERT, STUDENT, TEACHER
+    from gopd_jax.rollout import RolloutConfig, RolloutRunner
 
-    for slot in pool.slots:
-        start(slot)
-    while running:
-        for slot, result in pool.collect("any").items():
-            ep = running[slot]
-            if isinstance(result, tuple):  # a reset finished
-                ep["goal"], result = result
-                if not result.info.get("env_failed"):
-                    ep["actions"] = pool.expert_actions(slot)
-            if result.info.get("env_failed"):
-                print(f"[expert_corpus] skipped {game_id(ep['task'])}: {result.info.get('reason')}", flush=True)
-                del running[slot]
-                start(slot)
+    if not tasks:
+        return
+    runner = RolloutRunner(pool, None, RolloutConfig(env=tasks[0].env, max_turns=max_turns or EXPERT_TURN_LIMIT))
+    for i in range(0, len(tasks), chunk):
+        episodes, _ = runner.run(tasks[i:i + chunk], {STUDENT: EXPERT, TEACHER: EXPERT}, owners_from_beta(1.0),
+                                 jax.random.PRNGKey(0), progress=False)
+        for ep in episodes:
+            if ep.result.env_failed:
+                reason = (ep.turns[-1].result if ep.turns else ep.start).info.get("reason")
+                print(f"[expert_corpus] skipped {game_id(ep.task)}: {reason}", flush=True)
                 continue
-            t = len(ep["turns"])
-            if result.done or t >= len(ep["actions"]) or (max_turns is not None and t >= max_turns):
-                del running[slot]
-                yield _record(ep["task"], ep["goal"], ep["turns"], result)
-                start(slot)
-            else:
-                action = ep["actions"][t]
-                ep["turns"].append({"observation": result.observation,
-                                    "admissible_actions": list(result.admissible_actions), "action": action})
-                pool.step_async({slot: action})
+            turns = [{"observation": state.observation, "admissible_actions": list(state.admissible_actions),
+                      "action": turn.action} for state, turn in zip(ep.states(), ep.turns)]
+            yield _record(ep.task, ep.goal, turns, ep.turns[-1].result if ep.turns else ep.start)
 
 
 @contextlib.contextmanager
@@ -212,7 +202,7 @@ def _build(env_name, split, out: Path, *, num_workers, limit, seed, shard_games,
 
     if todo:
         with EnvPool(env_name, env_kwargs, num_workers=num_workers) as pool:
-            for record in replay_expert_episodes(pool, todo, max_turns):
+            for record in replay_expert_episodes(pool, todo, max_turns, chunk=shard_games):
                 pending.append(record)
                 n_new += 1
                 bar.update(1)

@@ -65,3 +65,8 @@ class Episode:
     goal: str
     turns: list[Turn]
     result: EpisodeResult
+    start: StepResult | None = None  # the state the episode began in (the reset's result)
+
+    def states(self) -> list[StepResult]:
+        """The state each turn was played from: start, then each turn's result but the last."""
+        return [self.start, *(t.result for t in self.turns[:-1])][:len(self.turns)]

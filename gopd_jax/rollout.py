@@ -77,6 +77,7 @@ class _Live:
     invalid: int = 0
     inadmissible: int = 0
     expert_actions: list[str] = dataclasses.field(default_factory=list)
+    start: StepResult | None = None  # the reset's result
 
 
 def _pad_batch(prompts: list[np.ndarray], width_multiple: int) -> tuple[np.ndarray, np.ndarray]:
@@ -177,7 +178,7 @@ class RolloutRunner:
                 task=ep.task, won=r.won, score=r.score, rounds=len(ep.turns),
                 env_failed=bool(r.info.get("env_failed")), invalid_actions=ep.invalid,
                 inadmissible_actions=ep.inadmissible, owners=[t.owner for t in ep.turns],
-                truncated=not r.done and len(ep.turns) < c.turn_limit)))
+                truncated=not r.done and len(ep.turns) < c.turn_limit), start=ep.start))
             bar.update(1)
 
         start_free_slots()
@@ -210,7 +211,7 @@ class RolloutRunner:
                     goal, first = res if isinstance(res, tuple) else ("", res)
                     ep_key = jax.random.fold_in(key, idx)
                     owners = np.asarray(owner_fn(jax.random.fold_in(ep_key, 1_000_003), c.turn_limit, idx), bool)
-                    ep = _Live(idx, tasks[idx], goal, first, owners[:c.turn_limit], key=ep_key)
+                    ep = _Live(idx, tasks[idx], goal, first, owners[:c.turn_limit], key=ep_key, start=first)
                     live[slot] = ep
                     if first.done or not len(ep.owners):  # the environment died during reset, or no turn to play
                         finish(slot, ep)
