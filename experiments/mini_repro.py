@@ -122,6 +122,9 @@ def _base(mini: MiniConfig, **kw) -> ExperimentConfig:
                             checkpoint_every=10, progress=mini.progress, **kw)
 
 
+SNAPSHOTS = {"alfworld": Path(__file__).parent / "data" / "alfworld_train_corpus.tar.xz"}
+
+
 def build_expert_corpus(mini: MiniConfig) -> Path:
     """Stage 1. Builds (or resumes) the corpus here, unless a build started elsewhere holds it: then waits
     until it has `corpus_min_games` games and goes on (the teacher's later epochs take up the new shards)."""
@@ -133,8 +136,10 @@ def build_expert_corpus(mini: MiniConfig) -> Path:
                   f"{mini.corpus_min_games} games to go)", flush=True)
             time.sleep(60)
         return corpus
+    # The repository ships the full ALFWorld train corpus packed (0.5 MB): a fresh machine skips the replay.
+    snapshot = SNAPSHOTS.get(mini.env) if mini.corpus_games is None else None
     return ec.build_corpus(mini.env, "train", corpus, num_workers=mini.corpus_workers, limit=mini.corpus_games,
-                           progress=mini.progress)
+                           progress=mini.progress, snapshot=snapshot)
 
 
 def _shuffled_game_ids(mini: MiniConfig) -> list[str]:

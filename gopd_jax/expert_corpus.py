@@ -96,6 +96,33 @@ def corpus_meta(corpus_dir: str | os.PathLike) -> dict:
     return json.loads(path.read_text())
 
 
+def pack_snapshot(corpus_dir: str | os.PathLike, archive: str | os.PathLike) -> Path:
+    """The raw store (meta.json + shards; no render caches) as one .tar.xz (ALFWorld train: ~0.5 MB)."""
+    import tarfile
+
+    corpus_dir = Path(corpus_dir)
+    corpus_meta(corpus_dir)  # refuse a directory that holds no corpus
+    with tarfile.open(archive, "w:xz") as tar:
+        for path in [corpus_dir / "meta.json", *sorted(corpus_dir.glob("shard-*.jsonl"))]:
+            tar.add(path, arcname=path.name)
+    return Path(archive)
+
+
+def unpack_snapshot(archive: str | os.PathLike, out: Path) -> None:
+    """Extract a `pack_snapshot` archive into `out`: its meta.json and shard-*.jsonl members only."""
+    import tarfile
+
+    try:
+        with tarfile.open(archive, "r:xz") as tar:
+            members = [m for m in tar.getmembers() if m.isfile() and "/" not in m.name
+                       and (m.name == "meta.json" or (m.name.startswith("shard-") and m.name.endswith(".jsonl")))]
+            for m in sorted(members, key=lambda m: m.name == "meta.json"):  # meta last: it marks the store
+                _write_atomic(out / m.name, tar.extractfile(m).read().decode())
+    except (tarfile.TarError, EOFError, OSError) as e:
+        raise ValueError(f"corpus snapshot {archive} is damaged ({e}); delete it (the build replays the games "
+                         "instead) or restore it from the repository") from e
+
+
 def iter_turns(records: Sequence[dict]) -> Iterator[ExpertTurn]:
     for r in records:
         history: list[tuple[str, str]] = []
@@ -153,18 +180,22 @@ def _exclusive(out: Path):
 def build_corpus(env_name: str, split: str, out_dir: str | os.PathLike, *, num_workers: int = 1,
                  limit: int | None = None, seed: int = 0, shard_games: int = 50, shard_seconds: float = 300.0,
                  max_turns: int | None = None, env_kwargs: dict | None = None, data_dir: str | None = None,
-                 progress: bool = True) -> Path:
+                 progress: bool = True, snapshot: str | os.PathLike | None = None) -> Path:
     """Replay the expert on the tasks of `split` (a seeded shuffle; the first `limit` of it) into `out_dir`.
     `env_kwargs` default: what the environment needs for its expert (ScienceWorld: gold paths).
 
     Resumable: games already in a shard are skipped. A shard is written (atomically) every `shard_games`
-    games or `shard_seconds` seconds, whichever comes first, so a kill loses at most that much work."""
+    games or `shard_seconds` seconds, whichever comes first, so a kill loses at most that much work.
+    `snapshot`: a packed corpus (.tar.xz of meta.json + shards, see `pack_snapshot`) that seeds an empty
+    `out_dir`; the build then replays only the games it lacks (none, when it was built with the same settings)."""
     from gopd_jax.rollout import env_kwargs as expert_env_kwargs
 
     env_kwargs = expert_env_kwargs(env_name, expert=True) if env_kwargs is None else env_kwargs
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     with _exclusive(out):
+        if snapshot is not None and Path(snapshot).is_file() and not (out / "meta.json").is_file():
+            unpack_snapshot(snapshot, out)
         return _build(env_name, split, out, num_workers=num_workers, limit=limit, seed=seed, shard_games=shard_games,
                       shard_seconds=shard_seconds, max_turns=max_turns, env_kwargs=env_kwargs, data_dir=data_dir,
                       progress=progress)

@@ -146,3 +146,25 @@ def test_epoch_plan_is_static_shaped_and_covers_each_row_once(corpus, tokenizer,
     s = len(plan) + 1
     step, epoch, resumed = next(sft_batches(rendered, 4096, seed=0, start_step=s))
     assert (step, epoch) == (s, 1) and all(np.array_equal(resumed[k], first[s][2][k]) for k in resumed)
+
+
+def test_a_packed_snapshot_seeds_a_fresh_build_without_replaying(corpus, tmp_path, monkeypatch):
+    from gopd_jax import expert_corpus
+
+    archive = expert_corpus.pack_snapshot(corpus, tmp_path / "snap.tar.xz")
+    monkeypatch.setattr(expert_corpus, "EnvPool", None)  # a build that needed the engine would fail here
+    out = build_corpus("alfworld", "train", tmp_path / "seeded", limit=GAMES, progress=False, snapshot=archive)
+    assert load_corpus(out) == load_corpus(corpus)
+    (tmp_path / "bad.tar.xz").write_bytes(b"not an archive")
+    with pytest.raises(ValueError, match="snapshot .*damaged"):
+        build_corpus("alfworld", "train", tmp_path / "bad", limit=GAMES, progress=False, snapshot=tmp_path / "bad.tar.xz")
+
+
+def test_the_shipped_alfworld_snapshot_holds_every_train_walkthrough(tmp_path):
+    from experiments.mini_repro import SNAPSHOTS
+    from gopd_jax.expert_corpus import unpack_snapshot
+
+    unpack_snapshot(SNAPSHOTS["alfworld"], tmp_path)
+    records = load_corpus(tmp_path)
+    assert {r["game"] for r in records} == {game_id(t) for t in list_tasks("alfworld", "train")}
+    assert len(records) == 3553 and all(r["won"] for r in records)
