@@ -36,6 +36,7 @@ from pathlib import Path
 import numpy as np
 from tqdm.auto import tqdm
 
+from gopd_jax.batch import bucket
 from gopd_jax.envs import EnvPool, StepResult, TaskSpec, list_tasks
 from gopd_jax.envs.prompting import fit_prompt
 
@@ -374,11 +375,9 @@ def _concat(parts: Sequence[RenderedCorpus]) -> RenderedCorpus:
 # ---- static-shape SFT batches ----------------------------------------------------------------------------------
 
 def bucket_widths(max_length: int, smallest: int = 128) -> tuple[int, ...]:
-    """Powers of two from `smallest` up to the first that holds `max_length` tokens."""
-    widths = [smallest]
-    while widths[-1] < max_length:
-        widths.append(widths[-1] * 2)
-    return tuple(widths)
+    """Every width the shared padding rule (`batch.bucket(n, smallest)`) gives for up to `max_length` tokens:
+    smallest * 2^k."""
+    return tuple(smallest << k for k in range((bucket(max_length, smallest) // smallest).bit_length()))
 
 
 def sft_batch(rendered: RenderedCorpus, rows: Sequence[int], batch_rows: int, width: int,
@@ -409,10 +408,10 @@ def epoch_plan(rendered: RenderedCorpus, tokens_per_batch: int, seed: int, epoch
     if lengths.max() > widths[-1]:
         raise ValueError(f"the longest row has {lengths.max()} tokens, more than the widest bucket {widths[-1]}")
     rng = np.random.default_rng([seed, epoch])
-    bucket = np.searchsorted(np.asarray(widths), lengths)  # first width >= length
+    which = np.searchsorted(np.asarray(widths), lengths)  # first width >= length
     plan = []
     for b, width in enumerate(widths):
-        rows = rng.permutation(np.flatnonzero(bucket == b))
+        rows = rng.permutation(np.flatnonzero(which == b))
         per = max(1, tokens_per_batch // width)
         plan += [(width, rows[i:i + per]) for i in range(0, len(rows), per)]
     return [plan[i] for i in rng.permutation(len(plan))]
