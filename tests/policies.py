@@ -7,6 +7,36 @@ from gopd_jax.models import Qwen3Config, init_params
 from gopd_jax.records import Policy
 
 
+def alfworld_data_available() -> bool:
+    """Whether ALFWorld's game files can be found (ALFWORLD_DATA, an earlier unpack, or the shared archive)."""
+    from gopd_jax.envs.alfworld_env import resolve_data_dir
+
+    try:
+        resolve_data_dir()
+        return True
+    except FileNotFoundError:
+        return False
+
+
+def tiny_checkpoints(root, moe_teacher: bool) -> tuple[str, str]:
+    """(student, teacher) Hugging Face checkpoint directories of tiny random Qwen3 models sharing a small BPE
+    tokenizer trained on one ALFWorld prompt; the teacher is a 4-expert Qwen3-MoE when `moe_teacher`."""
+    from experiments.mini_repro import _dense, random_checkpoint
+    from gopd_jax.envs.prompting import build_messages
+    from gopd_jax.tokenizer import train_bpe_tokenizer
+
+    text = [m["content"] for m in build_messages("put a mug in the sink.", [], "You see a mug 1.", ["look"],
+                                                 "alfworld", think=False)]
+    tok = train_bpe_tokenizer(text * 5, 320, root / "tok")
+    teacher_cfg = (Qwen3Config(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                               num_attention_heads=2, num_key_value_heads=1, head_dim=16, tie_word_embeddings=False,
+                               num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32, norm_topk_prob=True)
+                   if moe_teacher else _dense(len(tok), 32, 1))
+    teacher = random_checkpoint(teacher_cfg, tok, root / "teacher", seed=0)
+    student = random_checkpoint(_dense(len(tok), 32, 1), tok, root / "student", seed=1)
+    return student, teacher
+
+
 def alfworld_tokenizer(out_dir):
     """A tiny byte-level BPE trained on one rendered ALFWorld prompt (enough to tokenize any prompt)."""
     from gopd_jax.envs.prompting import build_messages

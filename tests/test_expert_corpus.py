@@ -20,21 +20,13 @@ from gopd_jax.methods import owners_from_beta  # noqa: E402
 from gopd_jax.records import EXPERT, STUDENT, TEACHER  # noqa: E402
 from gopd_jax.rollout import RolloutConfig, RolloutRunner  # noqa: E402
 from gopd_jax.tokenizer import train_bpe_tokenizer  # noqa: E402
+from tests.policies import alfworld_data_available  # noqa: E402
 
 GAMES = 3
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def _have_data():
-    from gopd_jax.envs.alfworld_env import resolve_data_dir
-    try:
-        resolve_data_dir()
-        return True
-    except FileNotFoundError:
-        return False
-
-
-pytestmark = pytest.mark.skipif(not _have_data(), reason="ALFWorld game files not found (alfworld-download)")
+pytestmark = pytest.mark.skipif(not alfworld_data_available(), reason="ALFWorld game files not found (alfworld-download)")
 
 
 @pytest.fixture(scope="module")

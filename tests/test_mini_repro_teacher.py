@@ -9,18 +9,10 @@ pytest.importorskip("alfworld", reason="alfworld is not installed (pip install a
 
 from experiments import mini_repro  # noqa: E402
 from gopd_jax.models import load_hf_checkpoint  # noqa: E402
+from tests.policies import alfworld_data_available  # noqa: E402
 
 
-def _have_data():
-    from gopd_jax.envs.alfworld_env import resolve_data_dir
-    try:
-        resolve_data_dir()
-        return True
-    except FileNotFoundError:
-        return False
-
-
-pytestmark = pytest.mark.skipif(not _have_data(), reason="ALFWorld game files not found (alfworld-download)")
+pytestmark = pytest.mark.skipif(not alfworld_data_available(), reason="ALFWorld game files not found (alfworld-download)")
 
 
 @pytest.fixture(scope="module")

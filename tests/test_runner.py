@@ -11,27 +11,17 @@ import pytest
 
 from experiments.mini_repro import _dense, random_checkpoint
 from gopd_jax.experiment import ExperimentConfig
-from gopd_jax.models import Qwen3Config, load_hf_checkpoint
+from gopd_jax.models import load_hf_checkpoint
 from gopd_jax.runner import run_experiment
 from gopd_jax.tokenizer import train_bpe_tokenizer
+from tests.policies import tiny_checkpoints
 
 pytest.importorskip("alfworld")
 
 
 @pytest.fixture(scope="module")
 def models(tmp_path_factory):
-    from gopd_jax.envs.prompting import build_messages
-
-    root = tmp_path_factory.mktemp("models")
-    text = [m["content"] for m in build_messages("put a mug in the sink.", [], "You see a mug 1.", ["look"],
-                                                 "alfworld", think=False)]
-    tok = train_bpe_tokenizer(text * 5, 320, root / "tok")
-    teacher_cfg = Qwen3Config(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=1,
-                              num_attention_heads=2, num_key_value_heads=1, head_dim=16, tie_word_embeddings=False,
-                              num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32, norm_topk_prob=True)
-    teacher = random_checkpoint(teacher_cfg, tok, root / "teacher", seed=0)
-    student = random_checkpoint(_dense(len(tok), 32, 1), tok, root / "student", seed=1)
-    return student, teacher
+    return tiny_checkpoints(tmp_path_factory.mktemp("models"), moe_teacher=True)
 
 
 def _config(models, out, **kw):

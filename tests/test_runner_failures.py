@@ -21,23 +21,16 @@ from gopd_jax.models import load_hf_checkpoint, save_hf_checkpoint
 from gopd_jax.reporting import EVAL_LOG, TRAIN_LOG, read_jsonl
 from gopd_jax.records import EXPERT, STUDENT, TEACHER, EpisodeResult
 from gopd_jax.runner import run_experiment
-from gopd_jax.tokenizer import load_tokenizer, train_bpe_tokenizer
+from gopd_jax.tokenizer import load_tokenizer
 from gopd_jax.train import init_train_state, make_optimizer
+from tests.policies import tiny_checkpoints
 
 pytest.importorskip("alfworld")
 
 
 @pytest.fixture(scope="module")
 def models(tmp_path_factory):
-    from gopd_jax.envs.prompting import build_messages
-
-    root = tmp_path_factory.mktemp("models")
-    text = [m["content"] for m in build_messages("put a mug in the sink.", [], "You see a mug 1.", ["look"],
-                                                 "alfworld", think=False)]
-    tok = train_bpe_tokenizer(text * 5, 320, root / "tok")
-    student = random_checkpoint(_dense(len(tok), 32, 1), tok, root / "student", seed=1)
-    teacher = random_checkpoint(_dense(len(tok), 32, 1), tok, root / "teacher", seed=0)
-    return student, teacher
+    return tiny_checkpoints(tmp_path_factory.mktemp("models"), moe_teacher=False)
 
 
 def _config(models, out, **kw):
