@@ -43,8 +43,8 @@ from gopd_jax.experiment import ExperimentConfig
 from gopd_jax.models import Qwen3Config, init_params, load_hf_checkpoint, save_hf_checkpoint
 from gopd_jax.records import Policy
 from gopd_jax.rollout import RolloutConfig, RolloutRunner
+from gopd_jax.reporting import markdown_table, read_jsonl
 from gopd_jax.runner import run_experiment
-from gopd_jax.reporting import read_jsonl
 from gopd_jax.tokenizer import load_tokenizer, train_bpe_tokenizer
 from gopd_jax.train import init_train_state, jit_update_step, make_optimizer, sft_loss_fn
 
@@ -373,11 +373,8 @@ def _final_evals(root: Path, name: str) -> list[dict]:
 
 def _late_kl(root: Path, name: str, last: int = 3) -> float | None:
     """Teacher-student sampled KL (nats/token, host-computed per turn) over the run's last steps."""
-    path = root / name / "metrics.jsonl"
-    if not path.is_file():
-        return None
-    records = [json.loads(line) for line in path.read_text().splitlines()][-last:]
-    values = [v for r in records for v in r["kl_by_turn"] if v is not None]
+    records = read_jsonl(root / name / "metrics.jsonl")[-last:]  # a cut-off last line is dropped there
+    values = [v for r in records for v in r.get("kl_by_turn", []) if v is not None]
     return statistics.fmean(values) if values else None
 
 
@@ -447,21 +444,14 @@ def _ms(values, digits: int = 1):
 
 def results_table(rows, mini: MiniConfig) -> str:
     """rows: (model, params, method, final evals (one per seed), late-training KLs)."""
-    lines = [f"# Mini-scale Guided-OPD reproduction ({mini.env}, a stratified draw of {mini.eval_limit} valid_unseen games)", "",
-             f"distillation: {mini.distill_steps} steps x {mini.batch_tasks} tasks from one warm-up SFT init; eval at "
-             "beta 0, temperature 0.4; mean ± std over seeds (n)", "",
-             "| model | params | method (n) | Score | Success Rate (%) | Rounds | valid actions (%) | "
-             "train KL to teacher, last 3 steps |", "|---|---|---|---|---|---|---|---|"]
-    by = {}
+    by, table = {}, []
     for name, n, method, evals, kls in rows:
         kls = [k for k in kls if k is not None]
-        lines.append(f"| {name} | {n / 1e6:.2f}M | {method} ({len(evals)}) | {_ms([e['score'] for e in evals])} | "
-                     f"{_ms([e['success_rate'] for e in evals])} | {_ms([e['rounds'] for e in evals])} | "
-                     f"{_ms([e['valid_action_rate'] for e in evals])} | {_ms(kls, 2) if kls else '-'} |")
+        table.append([name, f"{n / 1e6:.2f}M", f"{method} ({len(evals)})",
+                      *(_ms([e[k] for e in evals]) for k in ("score", "success_rate", "rounds", "valid_action_rate")),
+                      _ms(kls, 2) if kls else "-"])
         by[(name, method)] = evals
-    lines += ["", "Relative change of Guided-OPD over vanilla OPD on the same seeds (paper, DESIGN.md §3: +21.1% "
-                  "Score, +25.5% Success Rate, -6.0% Rounds on average):", "",
-              "| student | Score | Success Rate | Rounds | valid actions |", "|---|---|---|---|---|"]
+    gains = []
     for name, _, method, _, _ in rows:
         if method == "guided_opd" and by.get((name, "opd")):
             g, o = by[(name, "guided_opd")], by[(name, "opd")]
@@ -469,8 +459,16 @@ def results_table(rows, mini: MiniConfig) -> str:
             for k in ("score", "success_rate", "rounds", "valid_action_rate"):
                 a, b = statistics.fmean(e[k] for e in g), statistics.fmean(e[k] for e in o)
                 cells.append(f"{100 * (a - b) / b:+.1f}%" if b else f"{a - b:+.2f} (absolute; OPD at 0)")
-            lines.append(f"| {name} | " + " | ".join(cells) + " |")
-    return "\n".join(lines) + "\n"
+            gains.append([name, *cells])
+    return "\n".join([
+        f"# Mini-scale Guided-OPD reproduction ({mini.env}, a stratified draw of {mini.eval_limit} valid_unseen games)",
+        "", f"distillation: {mini.distill_steps} steps x {mini.batch_tasks} tasks from one warm-up SFT init; eval at "
+            "beta 0, temperature 0.4; mean ± std over seeds (n)", "",
+        markdown_table(["model", "params", "method (n)", "Score", "Success Rate (%)", "Rounds", "valid actions (%)",
+                        "train KL to teacher, last 3 steps"], table), "",
+        "Relative change of Guided-OPD over vanilla OPD on the same seeds (paper, DESIGN.md §3: +21.1% Score, +25.5% "
+        "Success Rate, -6.0% Rounds on average):", "",
+        markdown_table(["student", "Score", "Success Rate", "Rounds", "valid actions"], gains)]) + "\n"
 
 
 def main(argv=None):
