@@ -63,14 +63,23 @@ class MiniConfig:
     k_history: int = 1
     max_prompt_tokens: int = 992  # + the reply: rows fit the widest SFT bucket (1024)
     # Teacher: Qwen3-MoE trained by SFT from the rendered corpus.
+    # The teacher's corpus: "handcoded" replays ALFWorld's searching expert into `teacher_corpus_dir`;
+    # "walkthrough" (teacher_corpus_dir None) learns from `corpus_dir`.
+    teacher_expert: str = "handcoded"
+    teacher_corpus_dir: str | None = "runs/corpus/alfworld_train_handcoded"
+    # DAgger rounds after the SFT steps (see collect_dagger); 0 = none.
+    dagger_rounds: int = 2
+    dagger_games: int = 120
+    dagger_beta: float = 0.5
+    dagger_steps: int = 300
+    dagger_repeat: int = 4
     teacher_layers: int = 4
     teacher_hidden: int = 128
     teacher_experts: int = 4
-    teacher_steps: int = 8000
+    teacher_steps: int = 1500
     teacher_tokens_per_batch: int = 8192
     teacher_lr: float = 2e-3
-    teacher_eval_steps: tuple[int, ...] = (100, 250, 500, 750, 1000, 1500, 2000, 2500, 3000, 4000, 5000, 6000,
-                                           7000)  # + the last step
+    teacher_eval_steps: tuple[int, ...] = (250, 500, 1000)  # + the end of every phase
     teacher_eval_games: int = 30  # intermediate evals: a seeded draw stratified over task types
     teacher_eval_turns: int = 30
     teacher_final_eval_games: int | None = None  # None: every valid_unseen game
@@ -101,6 +110,7 @@ class MiniConfig:
 PRESETS = {
     "full": MiniConfig(),
     "quick": MiniConfig(out_dir="runs/quickstart", corpus_dir="runs/quickstart/corpus", corpus_games=12,
+                        teacher_expert="walkthrough", teacher_corpus_dir=None, dagger_rounds=0,
                         corpus_min_games=12, tokenizer_games=12, vocab_size=512, teacher_layers=2, teacher_hidden=64,
                         teacher_experts=4, teacher_steps=40, teacher_tokens_per_batch=4096,
                         teacher_eval_steps=(), teacher_eval_games=6, teacher_eval_turns=6,
@@ -126,26 +136,33 @@ SNAPSHOTS = {"alfworld": Path(__file__).parent / "data" / "alfworld_train_corpus
 
 
 def build_expert_corpus(mini: MiniConfig) -> Path:
-    """Stage 1. Builds (or resumes) the corpus here, unless a build started elsewhere holds it: then waits
-    until it has `corpus_min_games` games and goes on (the teacher's later epochs take up the new shards)."""
-    corpus = Path(mini.corpus_dir)
+    """Stage 1. The walkthrough corpus (tokenizer, SFT baseline; the teacher's too when `teacher_corpus_dir`
+    is None)."""
+    # The repository ships the full ALFWorld train corpus packed (0.5 MB): a fresh machine skips the replay.
+    snapshot = SNAPSHOTS.get(mini.env) if mini.corpus_games is None else None
+    return _corpus_stage(mini, Path(mini.corpus_dir), lambda: ec.build_corpus(
+        mini.env, "train", mini.corpus_dir, num_workers=mini.corpus_workers, limit=mini.corpus_games,
+        progress=mini.progress, snapshot=snapshot))
+
+
+def _corpus_stage(mini: MiniConfig, corpus: Path, build) -> Path:
+    """Builds (or resumes) a corpus here, unless a build started elsewhere holds it: then waits until it has
+    the first `corpus_min_games` games of its shuffle and goes on (the teacher's later epochs take up the
+    new shards)."""
     if corpus.is_dir() and _build_running(corpus):
-        first = set(_shuffled_game_ids(mini)[:mini.corpus_min_games])
+        first = set(_shuffled_game_ids(mini, corpus)[:mini.corpus_min_games])
         while missing := first - {r["game"] for r in ec.load_corpus(corpus)}:
-            print(f"[mini_repro] corpus: waiting for the running build ({len(missing)} of the first "
+            print(f"[mini_repro] {corpus}: waiting for the running build ({len(missing)} of the first "
                   f"{mini.corpus_min_games} games to go)", flush=True)
             time.sleep(60)
         return corpus
-    # The repository ships the full ALFWorld train corpus packed (0.5 MB): a fresh machine skips the replay.
-    snapshot = SNAPSHOTS.get(mini.env) if mini.corpus_games is None else None
-    return ec.build_corpus(mini.env, "train", corpus, num_workers=mini.corpus_workers, limit=mini.corpus_games,
-                           progress=mini.progress, snapshot=snapshot)
+    return build()
 
 
-def _shuffled_game_ids(mini: MiniConfig) -> list[str]:
-    """Train games in the corpus's build order (its seeded shuffle)."""
+def _shuffled_game_ids(mini: MiniConfig, corpus: str | Path) -> list[str]:
+    """Train games in a corpus's build order (its seeded shuffle)."""
     tasks = list_tasks(mini.env, "train")
-    seed = ec.corpus_meta(mini.corpus_dir)["seed"]
+    seed = ec.corpus_meta(corpus)["seed"]
     return [ec.game_id(tasks[i]) for i in np.random.default_rng(seed).permutation(len(tasks))]
 
 
@@ -172,7 +189,7 @@ def build_tokenizer(mini: MiniConfig, out: Path):
     if (out / "tokenizer.json").is_file():
         return load_tokenizer(out)
     by_id = {r["game"]: r for r in ec.load_corpus(mini.corpus_dir)}
-    records = [by_id[g] for g in _shuffled_game_ids(mini)[:mini.tokenizer_games] if g in by_id]
+    records = [by_id[g] for g in _shuffled_game_ids(mini, mini.corpus_dir)[:mini.tokenizer_games] if g in by_id]
     texts = []
     for t in ec.iter_turns(records):
         texts += [m["content"] for m in build_messages(t.goal, list(t.history), t.observation, t.admissible_actions,
@@ -198,10 +215,47 @@ def _write_curve(out: Path, curve: list[dict]) -> None:
     (out / "curve.md").write_text("\n".join(lines) + "\n")
 
 
+def teacher_corpus_dir(mini: MiniConfig) -> str:
+    return mini.teacher_corpus_dir or mini.corpus_dir
+
+
+def build_teacher_corpus(mini: MiniConfig) -> Path:
+    """Stage 1b. The corpus the teacher learns from when it is not the walkthrough corpus: ALFWorld's handcoded
+    expert, which searches receptacles the way an agent that cannot see inside them must (the walkthroughs go
+    straight to the object, so a model copying them learns to take objects that are not there)."""
+    corpus = teacher_corpus_dir(mini)
+    return _corpus_stage(mini, Path(corpus), lambda: ec.build_corpus(
+        mini.env, "train", corpus, num_workers=mini.corpus_workers, limit=mini.corpus_games,
+        max_turns=mini.teacher_eval_turns, progress=mini.progress, env_kwargs={"expert": mini.teacher_expert}))
+
+
+def collect_dagger(mini: MiniConfig, tokenizer, params, config: Qwen3Config, out: Path, round_: int) -> Path:
+    """One DAgger round: the current teacher plays `dagger_games` train games (a seeded draw per round), the
+    handcoded expert taking each turn with probability `dagger_beta` (the Guided-OPD idea: stay near the
+    expert's states early); every state reached is labelled with the expert's action for it. Resumable."""
+    from gopd_jax.methods import owners_from_beta
+    from gopd_jax.records import EXPERT, STUDENT, TEACHER
+
+    def play(pool, tasks):
+        runner = RolloutRunner(pool, tokenizer, rollout_settings(mini, max_turns=mini.teacher_eval_turns))
+        return ec.play_episodes(runner, tasks, {STUDENT: Policy(params, config), TEACHER: EXPERT},
+                                owners_from_beta(mini.dagger_beta), jax.random.PRNGKey(round_), labelled=True,
+                                chunk=25)
+
+    return ec.build_corpus(mini.env, "train", out, num_workers=mini.num_workers, limit=mini.dagger_games,
+                           seed=1000 + round_, max_turns=mini.teacher_eval_turns, progress=mini.progress,
+                           env_kwargs={"expert": "handcoded"}, play=play,
+                           player=f"teacher step {mini.teacher_steps + (round_ - 1) * mini.dagger_steps}, "
+                                  f"expert beta {mini.dagger_beta}")
+
+
 def train_teacher(mini: MiniConfig, tokenizer, out: Path) -> str:
-    """Stage 3. SFT of a Qwen3-MoE teacher from the rendered corpus; checkpointed and resumable. Success rate
-    against training tokens on a stratified valid_unseen draw at `teacher_eval_steps`, and on the whole of
-    valid_unseen at the end (final_eval.json). Returns the final model directory."""
+    """Stage 3. SFT of a Qwen3-MoE teacher from the rendered corpus, then `dagger_rounds` DAgger rounds (each:
+    collect labelled episodes of the current teacher, then `dagger_steps` more steps on the corpus plus every
+    round so far, the rounds' rows repeated `dagger_repeat` times); one learning-rate schedule over all steps.
+    Checkpointed and resumable. Success rate against training tokens on a stratified valid_unseen draw at
+    `teacher_eval_steps`, and on the whole of valid_unseen at the end (final_eval.json). Returns the final
+    model directory."""
     final = out / "final_model"
     if (out / "final_eval.json").is_file():
         return str(final)
@@ -210,20 +264,28 @@ def train_teacher(mini: MiniConfig, tokenizer, out: Path) -> str:
     render = rollout_settings(mini)
     (out / "config.json").write_text(json.dumps({"mini": dataclasses.asdict(mini), "model": dataclasses.asdict(config),
                                                  "params": config.num_params()}, indent=2))
-    # Each epoch trains on the shards stored when it starts (a corpus still being built grows between epochs);
-    # epochs.json pins them so a resumed run replays the same batches.
+    total = mini.teacher_steps + mini.dagger_rounds * mini.dagger_steps
+    bounds = [0, mini.teacher_steps, *(mini.teacher_steps + r * mini.dagger_steps for r in range(1, mini.dagger_rounds + 1))]
+    # Each (phase, epoch) trains on the shards stored when it starts (a corpus still being built grows between
+    # epochs); epochs.json pins them so a resumed run replays the same batches.
     epochs_file = out / "epochs.json"
-    epochs = json.loads(epochs_file.read_text()) if epochs_file.is_file() else []
+    epochs = json.loads(epochs_file.read_text()) if epochs_file.is_file() else {}
+    dagger_dirs = [out / "dagger" / f"round-{r}" for r in range(1, mini.dagger_rounds + 1)]
 
     @functools.lru_cache(maxsize=2)
-    def corpus_for(epoch: int) -> ec.RenderedCorpus:
-        if epoch >= len(epochs):
-            epochs.append(sorted(p.name for p in Path(mini.corpus_dir).glob("shard-*.jsonl")))
+    def corpus_for(phase: int, epoch: int) -> ec.RenderedCorpus:
+        key = f"{phase}/{epoch}"
+        if key not in epochs:
+            epochs[key] = sorted(p.name for p in Path(teacher_corpus_dir(mini)).glob("shard-*.jsonl"))
             epochs_file.write_text(json.dumps(epochs))
-        return ec.render_corpus(mini.corpus_dir, tokenizer, render, shards=epochs[epoch], progress=mini.progress)
+        parts = [ec.render_corpus(teacher_corpus_dir(mini), tokenizer, render, shards=epochs[key],
+                                  progress=mini.progress)]
+        parts += [ec.render_corpus(d, tokenizer, render, progress=mini.progress)
+                  for d in dagger_dirs[:phase]] * mini.dagger_repeat
+        return ec.concat_corpora(parts)
 
-    schedule = optax.warmup_cosine_decay_schedule(0.0, mini.teacher_lr, min(200, mini.teacher_steps // 10 + 1),
-                                                  mini.teacher_steps, end_value=mini.teacher_lr / 10)
+    schedule = optax.warmup_cosine_decay_schedule(0.0, mini.teacher_lr, min(200, total // 10 + 1), total,
+                                                  end_value=mini.teacher_lr / 10)
     optimizer = make_optimizer(schedule, weight_decay=0.01)
     state = init_train_state(init_params(config, jax.random.PRNGKey(0)), optimizer, jax.random.PRNGKey(0))
     ckpt = Checkpointer(out / "checkpoints", max_to_keep=2)
@@ -242,34 +304,41 @@ def train_teacher(mini: MiniConfig, tokenizer, out: Path) -> str:
     logged = [r for r in read_jsonl(out / "metrics.jsonl") if r["step"] <= start]
     (out / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in logged))
     log = open(out / "metrics.jsonl", "a")
-    t0, losses = time.perf_counter(), []
-    for step, epoch, batch in ec.sft_batches(corpus_for, mini.teacher_tokens_per_batch, seed=0, start_step=start,
-                                             widths=widths, pad_id=tokenizer.pad_token_id or 0):
-        if step >= mini.teacher_steps:
-            break
-        state, metrics = update(state, batch)
-        totals["train_tokens"] += int((batch["tokens"] != (tokenizer.pad_token_id or 0)).sum())
-        totals["loss_tokens"] += int(batch["loss_mask"].sum())
-        losses.append(float(metrics["loss"]))
-        done = step + 1
-        if done % mini.teacher_log_every == 0:
-            rec = {"step": done, "epoch": epoch, "loss": statistics.fmean(losses), **totals,
-                   "s_per_step": (time.perf_counter() - t0) / len(losses), "width": batch["tokens"].shape[1]}
-            log.write(json.dumps(rec) + "\n")
-            log.flush()
-            print(f"[mini_repro] teacher step {done}/{mini.teacher_steps} epoch {epoch} loss {rec['loss']:.3f} "
-                  f"tokens {totals['train_tokens'] / 1e6:.2f}M ({rec['s_per_step']:.2f} s/step)", flush=True)
-            t0, losses = time.perf_counter(), []
-        if done in mini.teacher_eval_steps or (done == mini.teacher_steps and mini.teacher_eval_steps):
-            summary = _eval_teacher(mini, tokenizer, state.params, config, eval_tasks, seed=done)
-            curve.append({"step": done, "epoch": epoch, "corpus_games": len(corpus_for(epoch).games), **totals,
-                          "train_loss": float(metrics["loss"]), "eval": summary})
-            _write_curve(out, curve)
-            print(f"[mini_repro] teacher step {done}: {summary['success_rate']:.1f}% success on "
-                  f"{summary['n']} stratified valid_unseen games", flush=True)
-            t0 = time.perf_counter()  # the step timing excludes evaluations
-        if done % mini.teacher_checkpoint_every == 0 or done == mini.teacher_steps:
-            ckpt.save(done, state, {"next_step": done, "totals": totals})
+    step = start
+    while step < total:
+        phase = max(p for p in range(len(bounds) - 1) if bounds[p] <= step)
+        if phase:  # params here are the phase's start: a checkpoint is always saved at a phase boundary
+            collect_dagger(mini, tokenizer, state.params, config, dagger_dirs[phase - 1], phase)
+        t0, losses = time.perf_counter(), []
+        for local, epoch, batch in ec.sft_batches(functools.partial(corpus_for, phase), mini.teacher_tokens_per_batch,
+                                                  seed=phase, start_step=step - bounds[phase], widths=widths,
+                                                  pad_id=tokenizer.pad_token_id or 0):
+            if bounds[phase] + local >= bounds[phase + 1]:
+                break
+            state, metrics = update(state, batch)
+            totals["train_tokens"] += int((batch["tokens"] != (tokenizer.pad_token_id or 0)).sum())
+            totals["loss_tokens"] += int(batch["loss_mask"].sum())
+            losses.append(float(metrics["loss"]))
+            step = done = bounds[phase] + local + 1
+            if done % mini.teacher_log_every == 0:
+                rec = {"step": done, "phase": phase, "epoch": epoch, "loss": statistics.fmean(losses), **totals,
+                       "s_per_step": (time.perf_counter() - t0) / len(losses), "width": batch["tokens"].shape[1]}
+                log.write(json.dumps(rec) + "\n")
+                log.flush()
+                print(f"[mini_repro] teacher step {done}/{total} phase {phase} epoch {epoch} loss {rec['loss']:.3f} "
+                      f"tokens {totals['train_tokens'] / 1e6:.2f}M ({rec['s_per_step']:.2f} s/step)", flush=True)
+                t0, losses = time.perf_counter(), []
+            if done in mini.teacher_eval_steps or (done in bounds[1:] and mini.teacher_eval_steps):
+                summary = _eval_teacher(mini, tokenizer, state.params, config, eval_tasks, seed=done)
+                curve.append({"step": done, "phase": phase, "epoch": epoch,
+                              "corpus_games": len(corpus_for(phase, epoch).games), **totals,
+                              "train_loss": float(metrics["loss"]), "eval": summary})
+                _write_curve(out, curve)
+                print(f"[mini_repro] teacher step {done}: {summary['success_rate']:.1f}% success on "
+                      f"{summary['n']} stratified valid_unseen games", flush=True)
+                t0 = time.perf_counter()  # the step timing excludes evaluations
+            if done % mini.teacher_checkpoint_every == 0 or done in bounds[1:]:
+                ckpt.save(done, state, {"next_step": done, "totals": totals})
     log.close()
     ckpt.close()
     save_hf_checkpoint(jax.device_get(state.params), config, final)
@@ -332,6 +401,9 @@ def run(mini: MiniConfig, until: str = "all") -> str:
     root = Path(mini.out_dir)
     with stage(mini, "corpus", f"expert corpus in {mini.corpus_dir}"):
         build_expert_corpus(mini)
+    if mini.teacher_corpus_dir:
+        with stage(mini, "teacher_corpus", f"{mini.teacher_expert} expert corpus in {mini.teacher_corpus_dir}"):
+            build_teacher_corpus(mini)
     if until == "corpus":
         return ""
     with stage(mini, "tokenizer", f"BPE tokenizer ({mini.vocab_size} tokens) in {root / 'tokenizer'}"):
@@ -340,7 +412,8 @@ def run(mini: MiniConfig, until: str = "all") -> str:
     if until == "tokenizer":
         return ""
     with stage(mini, "teacher", f"Qwen3-MoE teacher ({_teacher_config(mini, vocab).num_params() / 1e6:.2f}M params), "
-                                f"{mini.teacher_steps} SFT steps from the corpus, in {root / 'teacher'}"):
+                                f"{mini.teacher_steps} SFT steps from the corpus + {mini.dagger_rounds} DAgger rounds of "
+                                f"{mini.dagger_steps}, in {root / 'teacher'}"):
         teacher = train_teacher(mini, tokenizer, root / "teacher")
     if until == "teacher":
         return ""

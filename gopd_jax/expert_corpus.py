@@ -37,8 +37,8 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from gopd_jax.batch import bucket
-from gopd_jax.envs import EnvPool, StepResult, TaskSpec, list_tasks
-from gopd_jax.envs.prompting import fit_prompt
+from gopd_jax.envs import EnvPool, TaskSpec, list_tasks
+from gopd_jax.envs.prompting import INVALID_HISTORY_ACTION, fit_prompt
 
 FORMAT_VERSION = 1  # of the raw store (meta.json)
 RENDER_VERSION = 2  # of the rendered .npz cache
@@ -125,23 +125,54 @@ def unpack_snapshot(archive: str | os.PathLike, out: Path) -> None:
 
 
 def iter_turns(records: Sequence[dict]) -> Iterator[ExpertTurn]:
+    """Every turn with a training target: the turn's `label` where the record has labels (DAgger: the expert's
+    action for the state the policy reached; turns the expert had no answer for are skipped), else the
+    action played. The history always holds the actions played, as the rollout showed them."""
     for r in records:
         history: list[tuple[str, str]] = []
         for t, turn in enumerate(r["turns"]):
-            yield ExpertTurn(r["game"], r["task_type"], t, r["goal"], tuple(history), turn["observation"],
-                             tuple(turn["admissible_actions"]), turn["action"], r["won"])
+            target = turn.get("label", turn["action"])
+            if target is not None:
+                yield ExpertTurn(r["game"], r["task_type"], t, r["goal"], tuple(history), turn["observation"],
+                                 tuple(turn["admissible_actions"]), target, r["won"])
             history.append((turn["observation"], turn["action"]))
 
 
-def _record(task: TaskSpec, goal: str, turns: list[dict], last: StepResult) -> dict:
-    return {"game": game_id(task), "task_type": task.task_type, "goal": goal, "won": last.won,
-            "score": last.score, "final_observation": last.observation, "turns": turns}
+def episode_record(ep, labelled: bool = False) -> dict:
+    """A played episode as a raw-store record. `labelled`: each turn also stores the state-dependent expert's
+    action for the state it was played from (`info["expert_action"]`) as its `label`, the SFT target."""
+    turns = []
+    for state, turn in zip(ep.states(), ep.turns):
+        t = {"observation": state.observation, "admissible_actions": list(state.admissible_actions),
+             "action": turn.action if turn.action is not None else INVALID_HISTORY_ACTION}
+        if labelled:
+            t["label"] = state.info.get("expert_action")
+        turns.append(t)
+    last = ep.turns[-1].result if ep.turns else ep.start
+    record = {"game": game_id(ep.task), "task_type": ep.task.task_type, "goal": ep.goal, "won": last.won,
+              "score": last.score, "final_observation": last.observation, "turns": turns}
+    return {**record, "labelled": True} if labelled else record
+
+
+def play_episodes(runner, tasks: Sequence[TaskSpec], policies: dict, owner_fn, key, labelled: bool = False,
+                  chunk: int = 32) -> Iterator[dict]:
+    """Play `tasks` through `runner` (`RolloutRunner.run` arguments), `chunk` games at a time; yields one
+    `episode_record` per finished game. Games whose environment failed are skipped (logged)."""
+    import jax
+
+    for i in range(0, len(tasks), chunk):
+        episodes, _ = runner.run(tasks[i:i + chunk], policies, owner_fn, jax.random.fold_in(key, i), progress=False)
+        for ep in episodes:
+            if ep.result.env_failed:
+                reason = (ep.turns[-1].result if ep.turns else ep.start).info.get("reason")
+                print(f"[expert_corpus] skipped {game_id(ep.task)}: {reason}", flush=True)
+                continue
+            yield episode_record(ep, labelled)
 
 
 def replay_expert_episodes(pool: EnvPool, tasks: Sequence[TaskSpec], max_turns: int | None = None,
                            chunk: int = 32) -> Iterator[dict]:
-    """Play each task's expert actions to the end (or `max_turns`) through the rollout engine, `chunk` games
-    at a time; yields one record per finished game. Games whose environment failed are skipped (logged)."""
+    """Play each task's expert to the end (or `max_turns`) through the rollout engine."""
     import jax
 
     from gopd_jax.evaluate import EXPERT_TURN_LIMIT
@@ -152,17 +183,8 @@ def replay_expert_episodes(pool: EnvPool, tasks: Sequence[TaskSpec], max_turns: 
     if not tasks:
         return
     runner = RolloutRunner(pool, None, RolloutConfig(env=tasks[0].env, max_turns=max_turns or EXPERT_TURN_LIMIT))
-    for i in range(0, len(tasks), chunk):
-        episodes, _ = runner.run(tasks[i:i + chunk], {STUDENT: EXPERT, TEACHER: EXPERT}, owners_from_beta(1.0),
-                                 jax.random.PRNGKey(0), progress=False)
-        for ep in episodes:
-            if ep.result.env_failed:
-                reason = (ep.turns[-1].result if ep.turns else ep.start).info.get("reason")
-                print(f"[expert_corpus] skipped {game_id(ep.task)}: {reason}", flush=True)
-                continue
-            turns = [{"observation": state.observation, "admissible_actions": list(state.admissible_actions),
-                      "action": turn.action} for state, turn in zip(ep.states(), ep.turns)]
-            yield _record(ep.task, ep.goal, turns, ep.turns[-1].result if ep.turns else ep.start)
+    yield from play_episodes(runner, tasks, {STUDENT: EXPERT, TEACHER: EXPERT}, owners_from_beta(1.0),
+                             jax.random.PRNGKey(0), chunk=chunk)
 
 
 @contextlib.contextmanager
@@ -181,14 +203,18 @@ def _exclusive(out: Path):
 def build_corpus(env_name: str, split: str, out_dir: str | os.PathLike, *, num_workers: int = 1,
                  limit: int | None = None, seed: int = 0, shard_games: int = 50, shard_seconds: float = 300.0,
                  max_turns: int | None = None, env_kwargs: dict | None = None, data_dir: str | None = None,
-                 progress: bool = True, snapshot: str | os.PathLike | None = None) -> Path:
+                 progress: bool = True, snapshot: str | os.PathLike | None = None,
+                 play: Callable[[EnvPool, list[TaskSpec]], Iterator[dict]] | None = None,
+                 player: str = "expert") -> Path:
     """Replay the expert on the tasks of `split` (a seeded shuffle; the first `limit` of it) into `out_dir`.
     `env_kwargs` default: what the environment needs for its expert (ScienceWorld: gold paths).
 
     Resumable: games already in a shard are skipped. A shard is written (atomically) every `shard_games`
     games or `shard_seconds` seconds, whichever comes first, so a kill loses at most that much work.
     `snapshot`: a packed corpus (.tar.xz of meta.json + shards, see `pack_snapshot`) that seeds an empty
-    `out_dir`; the build then replays only the games it lacks (none, when it was built with the same settings)."""
+    `out_dir`; the build then replays only the games it lacks (none, when it was built with the same settings).
+    `play(pool, tasks)`: who plays instead of the expert (e.g. a model with the expert's labels, DAgger), named
+    by `player` in meta.json, yielding `episode_record`s."""
     from gopd_jax.rollout import env_kwargs as expert_env_kwargs
 
     env_kwargs = expert_env_kwargs(env_name, expert=True) if env_kwargs is None else env_kwargs
@@ -199,13 +225,15 @@ def build_corpus(env_name: str, split: str, out_dir: str | os.PathLike, *, num_w
             unpack_snapshot(snapshot, out)
         return _build(env_name, split, out, num_workers=num_workers, limit=limit, seed=seed, shard_games=shard_games,
                       shard_seconds=shard_seconds, max_turns=max_turns, env_kwargs=env_kwargs, data_dir=data_dir,
-                      progress=progress)
+                      progress=progress, play=play, player=player)
 
 
 def _build(env_name, split, out: Path, *, num_workers, limit, seed, shard_games, shard_seconds, max_turns, env_kwargs,
-           data_dir, progress) -> Path:
+           data_dir, progress, play, player) -> Path:
     meta = {"format_version": FORMAT_VERSION, "env": env_name, "split": split, "seed": seed, "limit": limit,
             "max_turns": max_turns, "env_kwargs": env_kwargs or {}}
+    if player != "expert":  # the expert's stores keep their original meta (and the shipped snapshot stays valid)
+        meta["player"] = player
     if (out / "meta.json").is_file():
         old = corpus_meta(out)
         if old != meta:
@@ -234,7 +262,9 @@ def _build(env_name, split, out: Path, *, num_workers, limit, seed, shard_games,
 
     if todo:
         with EnvPool(env_name, env_kwargs, num_workers=num_workers) as pool:
-            for record in replay_expert_episodes(pool, todo, max_turns, chunk=shard_games):
+            records = (play(pool, todo) if play is not None else
+                       replay_expert_episodes(pool, todo, max_turns, chunk=shard_games))
+            for record in records:
                 pending.append(record)
                 n_new += 1
                 bar.update(1)
@@ -312,7 +342,7 @@ def render_corpus(corpus_dir: str | os.PathLike, tokenizer, rollout_config, *, s
                 "won_only": won_only, "render_version": RENDER_VERSION, "tokenizer": tokenizer_fingerprint(tokenizer)}
     cache = Path(cache_dir or corpus_dir / "rendered")
     parts = [_render_shard(corpus_dir / name, tokenizer, c, settings, cache, progress) for name in names]
-    rendered = _concat(parts)
+    rendered = concat_corpora(parts)
     if not len(rendered):
         raise ValueError(f"corpus {corpus_dir} holds no {'won ' if won_only else ''}games yet")
     return rendered
@@ -329,7 +359,9 @@ def _render_shard(shard: Path, tokenizer, rollout_config, settings: dict, cache_
         with np.load(cache) as z:
             return RenderedCorpus(z["tokens"].astype(np.int32), z["offsets"], z["prompt_lengths"], z["game_index"], z["turn"],
                                   tuple(z["games"].tolist()), tuple(z["task_types"].tolist()))
-    records = [r for r in map(json.loads, data.decode().splitlines()) if r["won"] or not settings["won_only"]]
+    # A labelled (DAgger) record trains on its labels whatever the episode's outcome.
+    records = [r for r in map(json.loads, data.decode().splitlines())
+               if r["won"] or r.get("labelled") or not settings["won_only"]]
     runner = RolloutRunner(None, tokenizer, rollout_config)
     rows, prompt_lengths, game_index, turns = [], [], [], []
     index = {r["game"]: i for i, r in enumerate(records)}
@@ -360,7 +392,8 @@ def _render_shard(shard: Path, tokenizer, rollout_config, settings: dict, cache_
     return rendered
 
 
-def _concat(parts: Sequence[RenderedCorpus]) -> RenderedCorpus:
+def concat_corpora(parts: Sequence[RenderedCorpus]) -> RenderedCorpus:
+    """One corpus holding every part's rows, in order (a game in two parts counts twice)."""
     starts = np.cumsum([0] + [len(p.games) for p in parts])
     return RenderedCorpus(
         np.concatenate([p.tokens for p in parts] or [np.zeros(0, np.int32)]).astype(np.int32),
@@ -446,11 +479,14 @@ def main(argv=None) -> None:
     ap.add_argument("--limit", type=int, default=None, help="only the first N games of the seeded shuffle")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--max-turns", type=int, default=None)
+    ap.add_argument("--expert", default=None, choices=("walkthrough", "handcoded"),
+                    help="ALFWorld: the game's walkthrough (default) or ALFWorld's handcoded, searching expert")
     ap.add_argument("--shard-games", type=int, default=50, help="games per shard (at most this many lost to a kill)")
     ap.add_argument("--no-progress", action="store_true")
     args = ap.parse_args(argv)
     out = build_corpus(args.env, args.split, args.out, num_workers=args.workers, limit=args.limit, seed=args.seed,
-                       max_turns=args.max_turns, shard_games=args.shard_games, progress=not args.no_progress)
+                       max_turns=args.max_turns, shard_games=args.shard_games, progress=not args.no_progress,
+                       env_kwargs={"expert": args.expert} if args.expert else None)
     records = load_corpus(out)
     print(f"[expert_corpus] {out}: {len(records)} games, {sum(len(r['turns']) for r in records)} turns, "
           f"{sum(r['won'] for r in records)} won", flush=True)

@@ -23,7 +23,8 @@ from tqdm.auto import tqdm
 
 from gopd_jax.batch import bucket
 from gopd_jax.envs import EnvPool, StepResult, TaskSpec, failed_step_result
-from gopd_jax.envs.prompting import MAX_TURNS, fit_prompt, invalid_step_result, is_admissible, parse_action
+from gopd_jax.envs.prompting import (INVALID_HISTORY_ACTION, MAX_TURNS, fit_prompt, invalid_step_result, is_admissible,
+                                     parse_action)
 from gopd_jax.generate import SamplingConfig, generate
 from gopd_jax.records import STUDENT, TEACHER, Episode, EpisodeResult, ExpertPolicy, Policy, Turn
 from gopd_jax.tokenizer import end_of_turn_id, render_chat, stop_token_ids
@@ -120,11 +121,16 @@ class RolloutRunner:
                           np.int32)
 
     def _expert_turns(self, episodes: list[_Live]):
-        """(response ids, log-probs, action) of the expert's next action per episode; past the end of the
-        expert's plan the reply carries no action (an invalid turn)."""
+        """(response ids, log-probs, action) of the expert's next action per episode: a state-dependent
+        expert's answer for the current state (`info["expert_action"]`, e.g. ALFWorld's handcoded expert),
+        else turn t of its plan. No answer, or past the end of the plan: the reply carries no action (an
+        invalid turn)."""
         out = []
         for ep in episodes:
-            action = ep.expert_actions[len(ep.turns)] if len(ep.turns) < len(ep.expert_actions) else None
+            if "expert_action" in ep.last.info:
+                action = ep.last.info["expert_action"]
+            else:
+                action = ep.expert_actions[len(ep.turns)] if len(ep.turns) < len(ep.expert_actions) else None
             ids = (np.zeros((0,), np.int32) if self.tokenizer is None else
                    self.expert_reply(action) if action is not None else
                    np.asarray(self.sampling.stop_token_ids[:1], np.int32))
@@ -222,7 +228,8 @@ class RolloutRunner:
                             ep.last = failed_step_result(str(e))
                             finish(slot, ep)
                             continue
-                        if all(isinstance(p, ExpertPolicy) for p in policies.values()):
+                        if all(isinstance(p, ExpertPolicy) for p in policies.values()) and \
+                                "expert_action" not in first.info:
                             ep.owners = ep.owners[:len(ep.expert_actions)]  # the expert's plan is the episode
                             if not len(ep.owners):
                                 finish(slot, ep)
@@ -236,7 +243,7 @@ class RolloutRunner:
                                                                                           ep.last.admissible_actions)
                     turn.result = results[slot]
                 ep.turns.append(turn)
-                ep.history.append((ep.last.observation, action if action is not None else "(invalid)"))
+                ep.history.append((ep.last.observation, action if action is not None else INVALID_HISTORY_ACTION))
                 ep.last = turn.result
                 stats["turns"] += 1
                 if turn.result.done or len(ep.turns) >= len(ep.owners):

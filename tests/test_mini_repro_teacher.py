@@ -56,3 +56,34 @@ def test_killed_teacher_resumes_to_the_same_weights(mini, tmp_path, monkeypatch)
     steps = [r["step"] for r in mini_repro.read_jsonl(tmp_path / "resumed" / "metrics.jsonl")]
     assert steps == [1, 2, 3, 4]  # nothing lost or logged twice across the kill
     assert (tmp_path / "resumed" / "final_eval.json").is_file()
+
+
+def test_teacher_with_dagger_rounds_resumes_to_the_same_weights(mini, tmp_path, monkeypatch):
+    """SFT on the handcoded expert's corpus, then a DAgger round (the teacher plays, the expert labels): killed
+    inside the round's training and resumed = trained in one go; the round's episodes are labelled."""
+    mini = dataclasses.replace(mini, teacher_expert="handcoded", teacher_corpus_dir=str(tmp_path / "hc"),
+                               dagger_rounds=1, dagger_games=1, dagger_steps=2, teacher_eval_turns=30)
+    mini_repro.build_teacher_corpus(mini)
+    tokenizer = mini_repro.build_tokenizer(mini, tmp_path / "tokenizer")
+    mini_repro.train_teacher(mini, tokenizer, tmp_path / "straight")
+
+    real = mini_repro.ec.sft_batches
+
+    def killed_in_the_dagger_phase(*args, **kwargs):
+        for step, epoch, batch in real(*args, **kwargs):
+            if kwargs["seed"] == 1 and step == 1:
+                raise KeyboardInterrupt  # global step 5: after the boundary checkpoint of step 4
+            yield step, epoch, batch
+
+    monkeypatch.setattr(mini_repro.ec, "sft_batches", killed_in_the_dagger_phase)
+    with pytest.raises(KeyboardInterrupt):
+        mini_repro.train_teacher(mini, tokenizer, tmp_path / "resumed")
+    monkeypatch.setattr(mini_repro.ec, "sft_batches", real)
+    mini_repro.train_teacher(mini, tokenizer, tmp_path / "resumed")
+
+    for a, b in zip(_params(tmp_path / "straight"), _params(tmp_path / "resumed"), strict=True):
+        np.testing.assert_array_equal(a, b)
+    assert [r["step"] for r in mini_repro.read_jsonl(tmp_path / "resumed" / "metrics.jsonl")] == [1, 2, 3, 4, 5, 6]
+    (record,) = mini_repro.ec.load_corpus(tmp_path / "resumed" / "dagger" / "round-1")
+    assert record["labelled"] and all(t["label"] in t["admissible_actions"] for t in record["turns"])
+    assert mini_repro.ec.load_corpus(tmp_path / "straight" / "dagger" / "round-1") == [record]

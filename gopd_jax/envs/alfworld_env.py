@@ -14,6 +14,7 @@ import re
 import shutil
 import tarfile
 import tempfile
+import zlib
 from pathlib import Path
 
 from gopd_jax.envs.base import StepResult, TaskSpec
@@ -24,6 +25,7 @@ TASK_TYPES = ("pick_and_place_simple", "pick_two_obj_and_place", "pick_clean_the
               "pick_heat_then_place_in_recep", "pick_cool_then_place_in_recep", "look_at_obj_in_light")
 _ARCHIVE = Path("shared/data/alfworld/json_2.1.1.tar.xz")
 _GOAL_RE = re.compile(r"Your task is to:\s*(.*)", re.DOTALL)
+EXPERTS = ("walkthrough", "handcoded")
 _BANNER_RE = re.compile(r"^-= Welcome to TextWorld, ALFRED! =-\s*")
 
 
@@ -158,35 +160,93 @@ def _install_engine_caches() -> None:
         textgen._parse_and_convert = _memoized_parse(textgen._parse_and_convert)
 
 
-class AlfWorldEnv:
-    """One ALFWorld game at a time; `reset` loads the game file named by the task id."""
+def task_params(game_file: str) -> dict:
+    """The handcoded expert's task parameters (ALFRED's `pddl_params` + task type), from the game's
+    `traj_data.json` where it exists (valid splits), else from its folder name
+    `<task type>-<object>-<movable receptacle or None>-<receptacle or light>-<scene>` (the train split ships
+    without traj_data; the two agree on every valid game: tests/test_alfworld_expert.py)."""
+    traj = Path(game_file).parent / "traj_data.json"
+    if traj.is_file():
+        data = json.loads(traj.read_text())
+        return {**data["pddl_params"], "task_type": data["task_type"]}
+    task_type, obj, mrecep, target, _ = Path(game_file).parent.parent.name.split("-")
+    light = task_type == "look_at_obj_in_light"
+    return {"object_target": obj, "mrecep_target": "" if mrecep == "None" else mrecep,
+            "parent_target": "" if light else target, "toggle_target": target if light else "",
+            "object_sliced": False, "task_type": task_type}
 
-    def __init__(self):
+
+def handcoded_expert(game_file: str):
+    """ALFWorld's HandCodedTWAgent for one game, set up as its own `reset` does, but from `task_params` so
+    train games (no traj_data.json) work too. Its tie-breaks use Python's global `random`: seeded per game
+    here so its labels replay."""
+    import random
+
+    import alfworld.gen.constants as constants
+    from alfworld.agents.expert import HandCodedTWAgent
+
+    agent = HandCodedTWAgent(max_steps=200)
+    params = {k: v.lower() if v in constants.OBJECTS else v for k, v in task_params(game_file).items()}
+    agent.task_params = params
+    agent.policy = agent.get_task_policy(params)(params, max_steps=agent.max_steps)
+    random.seed(zlib.crc32(str(Path(game_file).parent.relative_to(Path(game_file).parents[2])).encode()))
+    return agent
+
+
+class AlfWorldEnv:
+    """One ALFWorld game at a time; `reset` loads the game file named by the task id.
+
+    `expert`: "walkthrough" (default) - the game file's stored solution, a fixed plan for the start state
+    (`expert_actions`); "handcoded" - ALFWorld's own rule-based expert (the one its authors trained DAgger
+    agents with), which searches receptacles like an agent that cannot see inside them and re-plans from
+    whatever state the episode is in: every StepResult then carries `info["expert_action"]`, its next action
+    from that state (None where its rules fail). Costs the engine's facts at every step."""
+
+    def __init__(self, expert: str = "walkthrough"):
         import textworld  # heavy imports stay inside the worker process
         from alfworld.agents.environment.alfred_tw_env import AlfredDemangler
         from textworld.envs.pddl import PddlEnv
 
+        if expert not in EXPERTS:
+            raise ValueError(f"unknown ALFWorld expert {expert!r}; choose one of {', '.join(EXPERTS)}")
         _install_engine_caches()
 
         # One engine for the worker's lifetime: every new PddlEnv dlopens a fresh copy of
         # fast-downward's 34 MB library that is never unloaded (~2.6 MB RSS per episode otherwise).
         # The demangler turns PDDL ids into names like "desk 1".
-        infos = textworld.EnvInfos(won=True, admissible_commands=True)
+        infos = textworld.EnvInfos(won=True, admissible_commands=True, facts=expert == "handcoded")
         self._env = AlfredDemangler(PddlEnv(infos), shuffle=False)
+        self._expert = expert
+        self._handcoded = None
         self._walkthrough: list[str] = []
 
     def reset(self, task: TaskSpec) -> tuple[str, StepResult]:
         self._env.load(task.task_id)
         with open(task.task_id) as f:
             self._walkthrough = list(json.load(f)["walkthrough"])
-        goal, observation = split_intro(self._env.reset().feedback)
-        return goal, StepResult(observation, 0.0, 0.0, False, False, self._admissible())
+        state = self._env.reset()
+        goal, observation = split_intro(state.feedback)
+        info = {}
+        if self._expert == "handcoded":
+            self._handcoded = handcoded_expert(task.task_id)
+            self._handcoded.observe(state.feedback)
+            info["expert_action"] = "look"  # its first subgoal, as ALFWorld's own expert wrapper plays it
+        return goal, StepResult(observation, 0.0, 0.0, False, False, self._admissible(), info)
 
     def step(self, action: str) -> StepResult:
         state, _, done = self._env.step(action)
         won = bool(state["won"])
+        info = {"expert_action": self._handcoded_action(state, action)} if self._expert == "handcoded" else {}
         # Unknown or inapplicable commands come back as the engine's own "Nothing happens.".
-        return StepResult(state.feedback.strip(), float(won), 100.0 * won, bool(done), won, self._admissible())
+        return StepResult(state.feedback.strip(), float(won), 100.0 * won, bool(done), won, self._admissible(), info)
+
+    def _handcoded_action(self, state, taken: str) -> str | None:
+        try:
+            action = self._handcoded.act(state, 0, bool(state["won"]), taken)
+        except Exception:  # noqa: BLE001 - its rules raise on states they do not cover (timeouts, odd layouts)
+            return None
+        # ALFWorld's own wrapper answers "look" when the rules name a command the state does not admit.
+        return action if action in state["admissible_commands"] else "look"
 
     def _admissible(self) -> tuple[str, ...]:
         return tuple(self._env.state["admissible_commands"])

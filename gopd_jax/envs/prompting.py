@@ -32,6 +32,9 @@ _ENV_DESCRIPTIONS = {
                "choose options and buy the product that best matches the instruction.",
 }
 
+# What the history shows for a turn whose reply carried no action.
+INVALID_HISTORY_ACTION = "(invalid)"
+
 _ACTION_RE = re.compile(r"<action>(.*?)</action>", re.DOTALL)
 
 
@@ -119,6 +122,8 @@ def is_admissible(action: str, admissible: list[str]) -> bool:
 
 def invalid_step_result(prev: StepResult, env_name: str) -> StepResult:
     """The turn's result when the reply had no parsable action: the env is not stepped, so its state,
-    score and admissible actions stay as they were; the model sees the env's own invalid feedback."""
+    score and admissible actions stay as they were (and so does a state-dependent expert's next action);
+    the model sees the env's own invalid feedback."""
+    kept = {"expert_action": prev.info["expert_action"]} if "expert_action" in prev.info else {}
     return dataclasses.replace(prev, observation=INVALID_ACTION_FEEDBACK[env_name], reward=0.0,
-                               done=False, won=False, info={"invalid_action": True})
+                               done=False, won=False, info={"invalid_action": True, **kept})
