@@ -35,10 +35,11 @@ import numpy as np
 import optax
 
 from gopd_jax import expert_corpus as ec
+from gopd_jax import intervals
 from gopd_jax.checkpointing import Checkpointer
 from gopd_jax.envs import EnvPool, list_tasks
 from gopd_jax.envs.prompting import build_messages
-from gopd_jax.evaluate import evaluate_policy, format_table, stratified_draw
+from gopd_jax.evaluate import evaluate_checkpoint, evaluate_policy, format_table, stratified_draw
 from gopd_jax.experiment import ExperimentConfig
 from gopd_jax.models import Qwen3Config, init_params, load_hf_checkpoint, save_hf_checkpoint
 from gopd_jax.records import Policy
@@ -93,7 +94,14 @@ class MiniConfig:
     learning_rate: float = 2e-3
     methods: tuple[str, ...] = ("opd", "guided_opd")
     seeds: tuple[int, ...] = (0, 1, 2)
-    sft_baseline_seeds: tuple[int, ...] = (0,)  # SFT on expert trajectories, continued from the same init
+    # Baselines from the same init on these seeds: SFT on expert trajectories, TCOD (both directions), fixed beta.
+    baselines: tuple[str, ...] = ("sft", "tcod_f2b", "tcod_b2f", "fixed_beta")
+    baseline_seeds: tuple[int, ...] = (0,)
+    fixed_beta: float = 0.5
+    # Every final model on the whole of these splits (per-game outcomes: intervals, paired differences);
+    # empty: the runs' own final evaluations on `eval_limit` stratified games.
+    final_eval_splits: tuple[str, ...] = ("valid_unseen", "valid_seen")
+    final_eval_turns: int = 30
     max_turns: int = 15
     max_new_tokens: int = 24
     eval_limit: int = 30
@@ -117,7 +125,7 @@ PRESETS = {
                         teacher_final_eval_games=6,
                         teacher_checkpoint_every=20, student_hidden=(32,),
                         warmup_sft_steps=2, distill_steps=3, batch_tasks=2, methods=("opd", "guided_opd"),
-                        seeds=(0,), sft_baseline_seeds=(), max_turns=4, max_new_tokens=12, eval_limit=4,
+                        seeds=(0,), baselines=(), final_eval_splits=(), max_turns=4, max_new_tokens=12, eval_limit=4,
                         num_workers=2),
 }
 
@@ -163,7 +171,7 @@ def _shuffled_game_ids(mini: MiniConfig, corpus: str | Path) -> list[str]:
     """Train games in a corpus's build order (its seeded shuffle)."""
     tasks = list_tasks(mini.env, "train")
     seed = ec.corpus_meta(corpus)["seed"]
-    return [ec.game_id(tasks[i]) for i in np.random.default_rng(seed).permutation(len(tasks))]
+    return [tasks[i].game_id for i in np.random.default_rng(seed).permutation(len(tasks))]
 
 
 def _build_running(corpus: Path) -> bool:
@@ -343,10 +351,14 @@ def train_teacher(mini: MiniConfig, tokenizer, out: Path) -> str:
     ckpt.close()
     save_hf_checkpoint(jax.device_get(state.params), config, final)
     tokenizer.save_pretrained(final)
-    tasks = list_tasks(mini.env, "valid_unseen")
-    if mini.teacher_final_eval_games is not None:
-        tasks = stratified_draw(tasks, mini.teacher_final_eval_games, seed=1)
-    summary = _eval_teacher(mini, tokenizer, *load_hf_checkpoint(final, dtype=jnp.float32), tasks, seed=1)
+    if mini.final_eval_splits:  # the same whole-split evaluations as every student's
+        final_evaluation(mini, out)
+        summary = json.loads((out / f"full_eval_{mini.final_eval_splits[0]}.json").read_text())
+    else:
+        tasks = list_tasks(mini.env, "valid_unseen")
+        if mini.teacher_final_eval_games is not None:
+            tasks = stratified_draw(tasks, mini.teacher_final_eval_games, seed=1)
+        summary = _eval_teacher(mini, tokenizer, *load_hf_checkpoint(final, dtype=jnp.float32), tasks, seed=1)
     (out / "final_eval.json").write_text(json.dumps(summary, indent=2))
     print(f"[mini_repro] teacher on {summary['n']} valid_unseen games:\n{format_table(summary)}", flush=True)
     return str(final)
@@ -425,22 +437,44 @@ def run(mini: MiniConfig, until: str = "all") -> str:
                                      root / f"student_d{hidden}_init", seed=1)
             _, students[hidden] = train_stage(_base(mini, name=name, out_dir=str(root / name), method="sft",
                                                     student=init, teacher=teacher, steps=mini.warmup_sft_steps))
+            final_evaluation(mini, root / name)
     # Seed-major order: an interrupted table still compares every method on the same seeds.
     table = ""
     for seed in mini.seeds:
         for hidden, warm in students.items():
-            for method in mini.methods + (("sft",) if seed in mini.sft_baseline_seeds else ()):
+            for method in mini.methods + (mini.baselines if seed in mini.baseline_seeds else ()):
                 name = f"d{hidden}_{method}_s{seed}"
                 with stage(mini, name, f"{method}, {mini.distill_steps} steps, in {root / name}"):
                     train_stage(_base(mini, name=name, out_dir=str(root / name), method=method, student=warm,
-                                      teacher=teacher, steps=mini.distill_steps, seed=seed))
+                                      teacher=teacher, steps=mini.distill_steps, seed=seed,
+                                      beta=mini.fixed_beta if method == "fixed_beta" else 0.0))
+                final_evaluation(mini, root / name)
         with stage(mini, "report", f"results table in {root / 'results.md'}"):
             table = report(mini)
     return table
 
 
-def _final_evals(root: Path, name: str) -> list[dict]:
-    path = root / name / "final_eval.json"
+def final_evaluation(mini: MiniConfig, run_dir: Path) -> None:
+    """A run's final model on every game of `final_eval_splits` at `final_eval_turns` turns, each split written
+    once (full_eval_<split>.json, per-game outcomes included)."""
+    for split in mini.final_eval_splits:
+        path = run_dir / f"full_eval_{split}.json"
+        if path.is_file():
+            continue
+        with stage(mini, f"{run_dir.name}_eval", f"{run_dir.name} on all of {split}"):
+            cfg = _base(mini, name=run_dir.name, out_dir=str(run_dir), eval_split=split, eval_limit=0,
+                        max_turns=mini.final_eval_turns)
+            summary = evaluate_checkpoint(cfg, str(run_dir / "final_model"))
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(summary, indent=2))
+        tmp.replace(path)
+
+
+def _final_evals(mini: MiniConfig, root: Path, name: str, split: str | None = None) -> list[dict]:
+    """A finished run's final evaluation on `split` (default: the first of `final_eval_splits`; without any,
+    the run's own final evaluation on its stratified draw); [] while it is missing."""
+    split = split or (mini.final_eval_splits[0] if mini.final_eval_splits else None)
+    path = root / name / (f"full_eval_{split}.json" if split else "final_eval.json")
     return [json.loads(path.read_text())] if path.is_file() else []
 
 
@@ -455,20 +489,17 @@ def report(mini: MiniConfig) -> str:
     """Build results.md from the finished runs on disk (also usable while the grid is still running)."""
     root = Path(mini.out_dir)
     vocab = len(load_tokenizer(root / "tokenizer"))
-    rows = [("teacher (SFT, MoE)", _teacher_config(mini, vocab).num_params(), "-", _final_evals(root, "teacher"), [])]
+    trained = "SFT" + (f" + {mini.dagger_rounds} DAgger rounds" if mini.dagger_rounds else "")
+    rows = [("teacher (MoE)", _teacher_config(mini, vocab).num_params(), trained, ["teacher"])]
     for hidden in mini.student_hidden:
         n = _dense(vocab, hidden, mini.student_layers).num_params()
-        rows.append((f"student d{hidden} (start)", n, "warm-up SFT", _final_evals(root, f"d{hidden}_warmup"), []))
+        rows.append((f"student d{hidden}", n, "warm-up SFT (start)", [f"d{hidden}_warmup"]))
         # Methods compared on the seeds where every compared method has finished.
-        seeds = [s for s in mini.seeds if all(_final_evals(root, f"d{hidden}_{m}_s{s}") for m in mini.methods)]
-        for method in mini.methods:
-            names = [f"d{hidden}_{method}_s{s}" for s in seeds]
-            rows.append((f"student d{hidden}", n, method, [e for x in names for e in _final_evals(root, x)],
-                         [_late_kl(root, x) for x in names]))
-        sft = [f"d{hidden}_sft_s{s}" for s in mini.sft_baseline_seeds]
-        rows.append((f"student d{hidden}", n, "sft", [e for x in sft for e in _final_evals(root, x)],
-                     [_late_kl(root, x) for x in sft]))
-    table = results_table([r for r in rows if r[3]], mini)
+        seeds = [s for s in mini.seeds if all(_final_evals(mini, root, f"d{hidden}_{m}_s{s}") for m in mini.methods)]
+        rows += [(f"student d{hidden}", n, m, [f"d{hidden}_{m}_s{s}" for s in seeds]) for m in mini.methods]
+        rows += [(f"student d{hidden}", n, m, [f"d{hidden}_{m}_s{s}" for s in mini.baseline_seeds])
+                 for m in mini.baselines]
+    table = results_table(root, [r for r in rows if all(_final_evals(mini, root, x) for x in r[3]) and r[3]], mini)
     (root / "results.md").write_text(table)
     comparison_plot(mini, root)
     print(table)
@@ -484,9 +515,9 @@ def comparison_plot(mini: MiniConfig, root: Path) -> None:
 
     fig, ax = plt.subplots(len(mini.student_hidden), 3, figsize=(14, 4 * len(mini.student_hidden)), squeeze=False)
     for row, hidden in enumerate(mini.student_hidden):
-        for method in (*mini.methods, "sft"):
+        for method in (*mini.methods, *mini.baselines):
             runs = [read_jsonl(root / f"d{hidden}_{method}_s{s}" / "metrics.jsonl") for s in mini.seeds
-                    if _final_evals(root, f"d{hidden}_{method}_s{s}")]  # finished runs only
+                    if _final_evals(mini, root, f"d{hidden}_{method}_s{s}")]  # finished runs only
             runs = [r for r in runs if r]
             if not runs:
                 continue
@@ -515,33 +546,65 @@ def _ms(values, digits: int = 1):
             else f"{mean:.{digits}f}")
 
 
-def results_table(rows, mini: MiniConfig) -> str:
-    """rows: (model, params, method, final evals (one per seed), late-training KLs)."""
-    by, table = {}, []
-    for name, n, method, evals, kls in rows:
-        kls = [k for k in kls if k is not None]
-        table.append([name, f"{n / 1e6:.2f}M", f"{method} ({len(evals)})",
-                      *(_ms([e[k] for e in evals]) for k in ("score", "success_rate", "rounds", "valid_action_rate")),
-                      _ms(kls, 2) if kls else "-"])
-        by[(name, method)] = evals
-    gains = []
-    for name, _, method, _, _ in rows:
-        if method == "guided_opd" and by.get((name, "opd")):
-            g, o = by[(name, "guided_opd")], by[(name, "opd")]
-            cells = []
-            for k in ("score", "success_rate", "rounds", "valid_action_rate"):
-                a, b = statistics.fmean(e[k] for e in g), statistics.fmean(e[k] for e in o)
-                cells.append(f"{100 * (a - b) / b:+.1f}%" if b else f"{a - b:+.2f} (absolute; OPD at 0)")
-            gains.append([name, *cells])
-    return "\n".join([
-        f"# Mini-scale Guided-OPD reproduction ({mini.env}, a stratified draw of {mini.eval_limit} valid_unseen games)",
-        "", f"distillation: {mini.distill_steps} steps x {mini.batch_tasks} tasks from one warm-up SFT init; eval at "
-            "beta 0, temperature 0.4; mean ± std over seeds (n)", "",
-        markdown_table(["model", "params", "method (n)", "Score", "Success Rate (%)", "Rounds", "valid actions (%)",
-                        "train KL to teacher, last 3 steps"], table), "",
-        "Relative change of Guided-OPD over vanilla OPD on the same seeds (paper, DESIGN.md §3: +21.1% Score, +25.5% "
-        "Success Rate, -6.0% Rounds on average):", "",
-        markdown_table(["student", "Score", "Success Rate", "Rounds", "valid actions"], gains)]) + "\n"
+def _outcomes(evals: list[dict], key: str) -> np.ndarray:
+    """[seeds, games] of one per-game field, games in one order (by game id) for every seed."""
+    return np.asarray([[g[key] for g in sorted(e["games"], key=lambda g: g["game"])] for e in evals], np.float64)
+
+
+def results_table(root: Path, rows, mini: MiniConfig) -> str:
+    """rows: (model, params, method, run names (one per seed)). Success Rate with a 95% bootstrap interval over
+    games and seeds; Guided-OPD minus OPD paired on the same seeds and games."""
+    splits = mini.final_eval_splits or (None,)
+    header = ["model", "params", "method (seeds)"]
+    for split in splits:
+        where = split or "valid_unseen draw"
+        header += [f"Score ({where})", f"Success Rate % [95% CI] ({where})", "Rounds", "valid actions %"]
+    header.append("train KL to teacher, last 3 steps")
+    table, by_type = [], []
+    for model, n, method, names in rows:
+        cells = [model, f"{n / 1e6:.2f}M", f"{method} ({len(names)})"]
+        for split in splits:
+            evals = [e for x in names for e in _final_evals(mini, root, x, split)]
+            success = intervals.bootstrap(100 * _outcomes(evals, "won"))
+            cells += [_ms([e["score"] for e in evals]), str(success), _ms([e["rounds"] for e in evals]),
+                      _ms([e["valid_action_rate"] for e in evals])]
+        kls = [k for x in names if (k := _late_kl(root, x)) is not None]
+        table.append(cells + [_ms(kls, 2) if kls else "-"])
+        evals = [e for x in names for e in _final_evals(mini, root, x)]
+        by_type.append((model, method, evals))
+    types = sorted({t for _, _, evals in by_type for e in evals for t in e["by_task_type"]})
+    by_type = [[model, method, *(_ms([e["by_task_type"][t]["success_rate"] for e in evals])
+                                 if all(t in e["by_task_type"] for e in evals) else "-" for t in types)]
+               for model, method, evals in by_type]
+    lines = [f"# Mini-scale Guided-OPD reproduction ({mini.env})", "",
+             f"Students: {mini.distill_steps} distillation steps x {mini.batch_tasks} tasks from one warm-up SFT init "
+             f"per size. Evaluation at beta 0, temperature 0.4, "
+             f"{mini.final_eval_turns if mini.final_eval_splits else mini.max_turns} turns. Success Rate: mean "
+             "with a 95% bootstrap interval over games and seeds; other columns: mean ± std over seeds.", "",
+             markdown_table(header, table), ""]
+    if by_type:
+        lines += [f"Success Rate (%) per task type ({splits[0] or 'eval draw'}):", "",
+                  markdown_table(["model", "method", *types], by_type), ""]
+    lines += ["Guided-OPD minus OPD on the same seeds and games (percentage points, 95% paired bootstrap interval), "
+              "and the relative change; the paper (DESIGN.md §3) reports +21.1% Score, +25.5% Success Rate, "
+              "-6.0% Rounds on average:", ""]
+    diffs = []
+    for model, _, method, names in rows:
+        if method != "guided_opd":
+            continue
+        opd = [x.replace("_guided_opd_", "_opd_") for x in names]
+        for split in splits:
+            g = [e for x in names for e in _final_evals(mini, root, x, split)]
+            o = [e for x in opd for e in _final_evals(mini, root, x, split)]
+            if len(g) != len(o) or not o:
+                continue
+            d = intervals.paired_difference(100 * _outcomes(g, "won"), 100 * _outcomes(o, "won"))
+            rel = lambda k: (f"{100 * (statistics.fmean(e[k] for e in g) / statistics.fmean(e[k] for e in o) - 1):+.1f}%"  # noqa: E731
+                             if statistics.fmean(e[k] for e in o) else "- (OPD at 0)")
+            diffs.append([model, split or "eval draw", len(g), str(d), rel("score"), rel("success_rate"), rel("rounds")])
+    lines += [markdown_table(["student", "split", "seeds", "Success Rate difference [95% CI]", "Score (relative)",
+                              "Success Rate (relative)", "Rounds (relative)"], diffs)]
+    return "\n".join(lines) + "\n"
 
 
 def main(argv=None):

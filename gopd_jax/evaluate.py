@@ -35,13 +35,16 @@ def _metrics(results: list[EpisodeResult]) -> dict[str, float]:
 
 
 def summarize(results: list[EpisodeResult]) -> dict[str, Any]:
-    """Overall metrics plus a per-task-type breakdown (keys sorted)."""
+    """Overall metrics, a per-task-type breakdown (keys sorted) and each game's outcome."""
     if not results:
         raise ValueError("no episodes to summarize")
     by_type: dict[str, list[EpisodeResult]] = defaultdict(list)
     for r in results:
         by_type[r.task.task_type].append(r)
-    return {**_metrics(results), "by_task_type": {t: _metrics(by_type[t]) for t in sorted(by_type)}}
+    # Per game, for intervals over games (gopd_jax.intervals) and paired comparisons of methods.
+    games = [{"game": r.task.game_id, "task_type": r.task.task_type, "won": r.won, "score": r.score,
+              "rounds": r.rounds} for r in results]
+    return {**_metrics(results), "by_task_type": {t: _metrics(by_type[t]) for t in sorted(by_type)}, "games": games}
 
 
 def format_table(summary: dict[str, Any]) -> str:

@@ -47,13 +47,6 @@ _SHARD_GLOB = "shard-*.jsonl"
 
 # ---- the raw corpus --------------------------------------------------------------------------------------------
 
-def game_id(task: TaskSpec) -> str:
-    """A machine-independent id: ALFWorld `<split>/<task folder>/<trial>`, ScienceWorld `task:variation`."""
-    if task.env == "alfworld":
-        return "/".join(Path(task.task_id).parts[-4:-1])
-    return task.task_id
-
-
 @dataclasses.dataclass(frozen=True)
 class ExpertTurn:
     """One expert turn with everything a prompt needs: `history` holds the episode's earlier
@@ -149,7 +142,7 @@ def episode_record(ep, labelled: bool = False) -> dict:
             t["label"] = state.info.get("expert_action")
         turns.append(t)
     last = ep.turns[-1].result if ep.turns else ep.start
-    record = {"game": game_id(ep.task), "task_type": ep.task.task_type, "goal": ep.goal, "won": last.won,
+    record = {"game": ep.task.game_id, "task_type": ep.task.task_type, "goal": ep.goal, "won": last.won,
               "score": last.score, "final_observation": last.observation, "turns": turns}
     return {**record, "labelled": True} if labelled else record
 
@@ -165,7 +158,7 @@ def play_episodes(runner, tasks: Sequence[TaskSpec], policies: dict, owner_fn, k
         for ep in episodes:
             if ep.result.env_failed:
                 reason = (ep.turns[-1].result if ep.turns else ep.start).info.get("reason")
-                print(f"[expert_corpus] skipped {game_id(ep.task)}: {reason}", flush=True)
+                print(f"[expert_corpus] skipped {ep.task.game_id}: {reason}", flush=True)
                 continue
             yield episode_record(ep, labelled)
 
@@ -243,7 +236,7 @@ def _build(env_name, split, out: Path, *, num_workers, limit, seed, shard_games,
     tasks = list_tasks(env_name, split, data_dir=data_dir)
     tasks = [tasks[i] for i in np.random.default_rng(seed).permutation(len(tasks))][:limit]
     done = {r["game"] for r in load_corpus(out)}
-    todo = [t for t in tasks if game_id(t) not in done]
+    todo = [t for t in tasks if t.game_id not in done]
     next_shard = 1 + max((int(p.stem.split("-")[1]) for p in _shards(out)), default=-1)
     bar = tqdm(total=len(tasks), initial=len(tasks) - len(todo), desc=f"expert corpus {env_name}/{split}",
                disable=not progress, mininterval=10.0)

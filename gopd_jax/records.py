@@ -28,8 +28,8 @@ class Policy:
 class ExpertPolicy:
     """The environment's own expert as a policy, replying in the agent's format: turn t plays the t-th action
     of its plan (ALFWorld walkthroughs, ScienceWorld gold paths), or, where the environment was built with a
-    state-dependent expert (ALFWorld `expert="handcoded"`), that expert's action for the current state. Used for SFT data and as a reference
-    policy in evaluation; its log-probs are zero (it is not a model)."""
+    state-dependent expert (ALFWorld `expert="handcoded"`), that expert's action for the current state. Used
+    for SFT data and as a reference policy in evaluation; its log-probs are zero (it is not a model)."""
 
 
 EXPERT = ExpertPolicy()

@@ -14,7 +14,7 @@ pytest.importorskip("alfworld", reason="alfworld is not installed (pip install a
 
 from gopd_jax.envs import EnvPool, list_tasks  # noqa: E402
 from gopd_jax.envs.prompting import build_messages  # noqa: E402
-from gopd_jax.expert_corpus import (build_corpus, epoch_plan, game_id, iter_turns, load_corpus,  # noqa: E402
+from gopd_jax.expert_corpus import (build_corpus, epoch_plan, iter_turns, load_corpus,  # noqa: E402
                                     render_corpus, sft_batch, sft_batches)
 from gopd_jax.methods import owners_from_beta  # noqa: E402
 from gopd_jax.records import EXPERT, STUDENT, TEACHER  # noqa: E402
@@ -87,11 +87,11 @@ def test_rendered_ids_equal_what_the_rollout_feeds(corpus, tokenizer, pool, tmp_
     cfg = RolloutConfig(env="alfworld", think=think, k_history=2, max_prompt_tokens=max_prompt_tokens)
     rendered = render_corpus(corpus, tokenizer, cfg, cache_dir=tmp_path, progress=False)
     records = load_corpus(corpus)
-    tasks = {game_id(task): task for task in list_tasks("alfworld", "train")}
+    tasks = {task.game_id: task for task in list_tasks("alfworld", "train")}
     episodes, _ = RolloutRunner(pool, tokenizer, cfg).run([tasks[r["game"]] for r in records],
                                                           {STUDENT: EXPERT, TEACHER: EXPERT}, owners_from_beta(1.0),
                                                           jax.random.PRNGKey(0), progress=False)
-    expected = {(game_id(e.task), i): (t.prompt_ids, t.response_ids) for e in episodes for i, t in enumerate(e.turns)}
+    expected = {(e.task.game_id, i): (t.prompt_ids, t.response_ids) for e in episodes for i, t in enumerate(e.turns)}
     assert len(rendered) == len(expected) == sum(len(r["turns"]) for r in records)
     for i in range(len(rendered)):
         prompt, reply = rendered.row(i)
@@ -158,5 +158,5 @@ def test_the_shipped_alfworld_snapshot_holds_every_train_walkthrough(tmp_path):
 
     unpack_snapshot(SNAPSHOTS["alfworld"], tmp_path)
     records = load_corpus(tmp_path)
-    assert {r["game"] for r in records} == {game_id(t) for t in list_tasks("alfworld", "train")}
+    assert {r["game"] for r in records} == {t.game_id for t in list_tasks("alfworld", "train")}
     assert len(records) == 3553 and all(r["won"] for r in records)

@@ -6,6 +6,7 @@ Adapters live in their own modules and are created through `make_env` / enumerat
 from __future__ import annotations
 
 import dataclasses
+from pathlib import Path
 import importlib
 from typing import Any, Protocol, runtime_checkable
 
@@ -27,6 +28,13 @@ class TaskSpec:
     split: str
     task_id: str  # ALFWorld: game file path; ScienceWorld: "task-name:variation"; WebShop: see webshop/env.py
     task_type: str
+
+    @property
+    def game_id(self) -> str:
+        """A machine-independent id: ALFWorld `<split>/<task folder>/<trial>`, else the task id."""
+        if self.env == "alfworld":
+            return "/".join(Path(self.task_id).parts[-4:-1])
+        return self.task_id
 
 
 def failed_step_result(reason: str, observation: str = "") -> StepResult:

@@ -1,0 +1,48 @@
+"""The mini_repro results table from run files: intervals over games and seeds, the paired Guided-OPD - OPD
+difference on the seeds both finished, baselines and per-task-type rows."""
+import dataclasses
+import json
+
+import numpy as np
+
+from experiments import mini_repro
+from gopd_jax import intervals
+from tests.policies import alfworld_tokenizer
+
+TYPES = ("pick_and_place_simple", "look_at_obj_in_light")
+
+
+def _write_eval(run_dir, split, won):
+    games = [{"game": f"{split}/g{i:03d}", "task_type": TYPES[i % 2], "won": bool(w), "score": 100.0 * w,
+              "rounds": 10.0} for i, w in enumerate(won)]
+    by_type = {t: {"success_rate": 100 * float(np.mean([g["won"] for g in games if g["task_type"] == t]))}
+               for t in TYPES}
+    summary = {"n": len(won), "score": 100 * float(np.mean(won)), "success_rate": 100 * float(np.mean(won)),
+               "rounds": 10.0, "valid_action_rate": 50.0, "by_task_type": by_type,
+               # each file lists its games in its own order: the table must pair them by id
+               "games": [games[i] for i in np.random.default_rng(len(run_dir.name)).permutation(len(games))]}
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / f"full_eval_{split}.json").write_text(json.dumps(summary))
+
+
+def test_results_table_reports_intervals_and_the_paired_difference(tmp_path):
+    mini = dataclasses.replace(mini_repro.PRESETS["full"], out_dir=str(tmp_path), student_hidden=(48,),
+                               seeds=(0, 1, 2), baselines=("sft",), baseline_seeds=(0,),
+                               final_eval_splits=("valid_unseen",))
+    alfworld_tokenizer(tmp_path / "tokenizer")
+    rng = np.random.default_rng(0)
+    won = {}
+    for name, p in [("teacher", 0.6), ("d48_warmup", 0.1), ("d48_sft_s0", 0.2)] + \
+            [(f"d48_{m}_s{s}", p) for s in (0, 1, 2) for m, p in (("opd", 0.2), ("guided_opd", 0.3))]:
+        won[name] = (rng.random(40) < p).astype(float)
+        if name != "d48_opd_s2":  # seed 2 of OPD unfinished: seed 2 leaves the comparison
+            _write_eval(tmp_path / name, "valid_unseen", won[name])
+    table = mini_repro.report(mini)
+
+    g = 100 * np.stack([won[f"d48_guided_opd_s{s}"] for s in (0, 1)])
+    o = 100 * np.stack([won[f"d48_opd_s{s}"] for s in (0, 1)])
+    assert str(intervals.paired_difference(g, o)) in table
+    assert str(intervals.bootstrap(g)) in table and str(intervals.bootstrap(o)) in table
+    assert "| guided_opd (2) |" in table and "| opd (2) |" in table and "| sft (1) |" in table
+    assert str(intervals.bootstrap(100 * won["teacher"][None])) in table
+    assert (tmp_path / "results.md").read_text() == table
