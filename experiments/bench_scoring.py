@@ -10,7 +10,8 @@ head; not the input embedding, a gather) + 4 x layers x heads x head_dim x seq (
 no causal saving, as bench_train counts). The MoE table times one layer's feed-forward on N tokens: "grouped"
 (tokens sorted by expert, `ragged_dot`: active FLOPs only) vs "dense" (every expert on every token); decode
 sizes (N = batch) against the HBM roofline of the experts touched, scoring sizes against the FLOP roofline.
-With several devices, --shard tensor|expert places the teacher as the runner does (`device_plan.place_teacher`).
+With several devices, --shard tensor|expert places the teacher as the runner does (`device_plan.place_teacher`);
+expert parallel also times the MoE table's layer under `shard_map` (each device on its own experts).
 """
 from __future__ import annotations
 
@@ -24,7 +25,7 @@ import numpy as np
 from experiments.bench_generate import HBM_BYTES_PER_S, best_seconds, experts_touched
 from gopd_jax import scoring
 from gopd_jax.models import QWEN3_30B_A3B, Qwen3Config, init_params
-from gopd_jax.models.qwen3 import moe_dense, moe_grouped
+from gopd_jax.models.qwen3 import moe
 
 SMALL_MOE = Qwen3Config(vocab_size=4096, hidden_size=256, intermediate_size=768, num_hidden_layers=2,
                         num_attention_heads=4, num_key_value_heads=2, head_dim=64, tie_word_embeddings=False,
@@ -68,7 +69,7 @@ def main(argv=None) -> None:
     device = jax.devices()[0]
     params = init_params(config, jax.random.PRNGKey(0), dtype)
     if args.shard != "none":
-        params = scoring.shard_params(params, config, scoring.make_mesh(), args.shard)
+        params, config = scoring.shard_params(params, config, scoring.make_mesh(), args.shard)
     print(f"device {device.device_kind} x {jax.device_count()} ({jax.default_backend()}); preset {args.preset} "
           f"({config.num_hidden_layers} layers, {config.num_params() / 1e9:.2f}B params, {active_params(config) / 1e9:.2f}B "
           f"active); {dtype.name}; shard {args.shard}", flush=True)
@@ -93,8 +94,8 @@ def main(argv=None) -> None:
         x = jax.random.normal(jax.random.PRNGKey(tokens_n), (tokens_n, d), dtype)
         bytes_needed = experts_touched(config, tokens_n) * 3 * d * f * dtype.itemsize
         flops = 2 * 3 * d * f * k * tokens_n
-        for name, impl in (("grouped", moe_grouped), ("dense", moe_dense)):
-            fn = jax.jit(lambda p, x, impl=impl: impl(p, config, x))
+        for name, grouped in (("grouped", True), ("dense", False)):
+            fn = jax.jit(lambda p, x, grouped=grouped: moe(p, config, x, grouped))
             try:
                 t = best_seconds(lambda _: fn(layer, x), args.repeats)
             except Exception as e:  # e.g. dense out of memory at scoring sizes: report, keep going

@@ -146,12 +146,12 @@ def main(argv=None) -> dict:
           f"layers), student {args.student} ({s_cfg.num_hidden_layers} layers), {dtype.name}, tokenizer "
           f"{len(tokenizer)} tokens\n{plan.describe()}", flush=True)
 
-    teacher = Policy(dp.place_teacher(init_params(t_cfg, jax.random.PRNGKey(1), dtype), t_cfg, plan), t_cfg)
+    teacher = Policy(*dp.place_teacher(init_params(t_cfg, jax.random.PRNGKey(1), dtype), t_cfg, plan))
     optimizer = train.make_optimizer(1e-6)
     state = train.init_train_state(init_params(s_cfg, jax.random.PRNGKey(0)), optimizer, jax.random.PRNGKey(2))
     loss_cfg = LossConfig(estimator=args.estimator)
     loss_fn = functools.partial(train.distill_loss_fn, config=s_cfg, loss_config=loss_cfg, remat=args.remat,
-                                teacher_config=t_cfg if args.estimator == "exact" else None)
+                                teacher_config=teacher.config if args.estimator == "exact" else None)
     loss_fn = train.with_compute_dtype(loss_fn, dtype)
     if plan.student_update == "fsdp":
         mesh = plan.mesh("data")

@@ -276,9 +276,10 @@ def device_memory_bytes(device: Optional[jax.Device] = None) -> int:
 
 
 def place_teacher(params, config: Qwen3Config, plan: DevicePlan):
-    """The teacher's params where the plan puts them: sharded over a "model" mesh of the plan's devices, or,
-    replicated layout, on the default device (generation and scoring run there). Host (numpy) params, e.g.
-    from `load_hf_checkpoint(..., on_host=True)`, go straight to their shards."""
+    """(params, config) of the teacher where the plan puts it: sharded over a "model" mesh of the plan's
+    devices (`scoring.shard_params`; expert parallel: the config carries the mesh), or, replicated layout, on
+    the default device (generation and scoring run there). Host (numpy) params, e.g. from
+    `load_hf_checkpoint(..., on_host=True)`, go straight to their shards."""
     if not plan.teacher_sharded:
-        return jax.device_put(params)
+        return jax.device_put(params), config
     return scoring.shard_params(params, config, plan.mesh("model"), plan.teacher_layout)

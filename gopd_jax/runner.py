@@ -75,7 +75,7 @@ def run_experiment(cfg: ExperimentConfig) -> dict:
                         compute_dtype=compute_dtype, estimator=method.loss.estimator,
                         teacher_layout=cfg.teacher_layout, student_update=cfg.student_update)
     print(plan.describe(), flush=True)
-    teacher = Policy(dp.place_teacher(t_params, t_config, plan), t_config)
+    teacher = Policy(*dp.place_teacher(t_params, t_config, plan))  # expert parallel: its config names the mesh
     del t_params
     train_tasks = list_tasks(cfg.env, cfg.train_split, data_dir=cfg.data_dir or None)
     evaluation_tasks = eval_tasks(cfg)
@@ -94,8 +94,8 @@ def run_experiment(cfg: ExperimentConfig) -> dict:
     print(f"[{cfg.name}] {cfg.method}: config in {out / 'config.json'}", flush=True)
     exact = method.loss.estimator == "exact"  # the teacher's hidden states are made per micro-batch on device
     loss_fn = train.with_compute_dtype(functools.partial(
-        train.distill_loss_fn, config=s_config, loss_config=method.loss, teacher_config=t_config if exact else None),
-        compute_dtype)
+        train.distill_loss_fn, config=s_config, loss_config=method.loss,
+        teacher_config=teacher.config if exact else None), compute_dtype)
     loss_kw = {"teacher_params": teacher.params} if exact else {}
     if plan.student_update == "fsdp":
         mesh = plan.mesh("data")

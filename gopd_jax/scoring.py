@@ -1,12 +1,14 @@
 """Teacher scoring (DESIGN.md §2.2): log-probs of the sampled tokens, or hidden states for the exact KL.
 
 The teacher can be placed across devices with `shard_params` (tensor or expert parallel over one "model"
-mesh axis); the same jitted functions then run on the sharded params and XLA's sharding propagation inserts
-the collectives.
+mesh axis); the same jitted functions then run on the sharded params with the config it returns. Tensor
+parallel leaves the collectives to XLA's sharding propagation; expert parallel runs each MoE layer under
+`shard_map` on the experts each device holds (`models.qwen3.moe`, via `config.expert_mesh`).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 from typing import Optional
 
@@ -117,9 +119,10 @@ def param_specs(params, mesh: Mesh, strategy: str = "tensor"):
 
 
 def shard_params(params, config: Qwen3Config, mesh: Mesh, strategy: str = "tensor"):
-    """Place the teacher's params across `mesh` ("tensor" or, for MoE teachers, "expert" parallel)."""
-    if strategy == "expert" and (not config.is_moe or config.num_experts % mesh.size):
-        raise ValueError(f"strategy='expert' needs a MoE config whose num_experts ({config.num_experts}) is a "
-                         f"multiple of the {mesh.size} devices; use 'tensor' otherwise")
+    """Place the teacher's params across `mesh` ("tensor" or, for MoE teachers, "expert" parallel).
+
+    Returns (params, config): run the placed params with this config. For "expert" it carries the mesh
+    (`expert_mesh`), so each MoE layer runs on the experts each device holds, combined by one psum."""
+    config = dataclasses.replace(config, expert_mesh=mesh if strategy == "expert" else None)  # checks "expert"
     specs = param_specs(params, mesh, strategy)
-    return jax.tree.map(lambda x, s: jax.device_put(x, NamedSharding(mesh, s)), params, specs)
+    return jax.tree.map(lambda x, s: jax.device_put(x, NamedSharding(mesh, s)), params, specs), config

@@ -114,8 +114,9 @@ def test_plan_sizes_equal_real_placements(layout):
     plan = dp.make_plan(TINY_MOE, TINY_MOE, n_devices=4, device_bytes=GB, teacher_layout=layout,
                         student_update="fsdp", teacher_dtype="float32", **SHAPES)
     params = init_params(TINY_MOE, jax.random.PRNGKey(0))
-    placed = jax.block_until_ready(dp.place_teacher(params, TINY_MOE, plan))
-    assert _device0_bytes(placed) == plan.components["teacher weights"]
+    placed, placed_config = dp.place_teacher(params, TINY_MOE, plan)
+    assert _device0_bytes(jax.block_until_ready(placed)) == plan.components["teacher weights"]
+    assert placed_config.expert_mesh == (plan.mesh("model") if layout == "expert" else None)
     opt = train.make_optimizer(1e-3)
     state = jax.block_until_ready(train.fsdp_shard(train.init_train_state(params, opt, jax.random.PRNGKey(1)),
                                                    plan.mesh("data")))
@@ -125,9 +126,11 @@ def test_plan_sizes_equal_real_placements(layout):
     assert moments == plan.components["student AdamW moments (f32)"]
     # host (numpy) weights go straight to their shards; the replicated layout keeps one copy on one device
     host = jax.tree.map(np.asarray, params)
-    from_host = jax.block_until_ready(dp.place_teacher(host, TINY_MOE, plan))
+    from_host = jax.block_until_ready(dp.place_teacher(host, TINY_MOE, plan)[0])
     assert _device0_bytes(from_host) == plan.components["teacher weights"]
     jax.tree.map(np.testing.assert_array_equal, jax.device_get(from_host), host)
-    whole = dp.place_teacher(host, TINY_MOE, dp.make_plan(TINY_MOE, TINY_MOE, n_devices=4, device_bytes=GB, **SHAPES))
+    whole, whole_config = dp.place_teacher(host, TINY_MOE, dp.make_plan(TINY_MOE, TINY_MOE, n_devices=4,
+                                                                       device_bytes=GB, **SHAPES))
+    assert whole_config == TINY_MOE
     assert all(len(x.sharding.device_set) == 1 for x in jax.tree.leaves(whole))
     assert _device0_bytes(whole) == sum(x.nbytes for x in jax.tree.leaves(host))

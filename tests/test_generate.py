@@ -190,9 +190,10 @@ def test_sharded_teacher_generation_matches_unsharded(setup, config, strategy):
     params = jax.tree.map(lambda a: a * 12.0 if a.ndim >= 2 else a, init_params(config, jax.random.key(3)))
     sampling = SamplingConfig(max_new_tokens=6, temperature=0.0, stop_token_ids=(7,))
     ref = jax.block_until_ready(generate(params, config, prompts, lengths, jax.random.key(1), sampling))
-    sharded = jax.block_until_ready(shard_params(params, config, make_mesh(4), strategy))
+    sharded, sharded_config = shard_params(params, config, make_mesh(4), strategy)
     assert len(sharded["layers"][0]["attn"]["q"].sharding.device_set) == 4
-    out = jax.block_until_ready(generate(sharded, config, prompts, lengths, jax.random.key(1), sampling))
+    assert (sharded_config.expert_mesh is not None) == (strategy == "expert")  # expert parallel: shard_map MoE
+    out = jax.block_until_ready(generate(sharded, sharded_config, prompts, lengths, jax.random.key(1), sampling))
     np.testing.assert_array_equal(np.asarray(out.tokens), np.asarray(ref.tokens))
     np.testing.assert_array_equal(np.asarray(out.lengths), np.asarray(ref.lengths))
     np.testing.assert_allclose(np.asarray(out.logprobs), np.asarray(ref.logprobs), atol=1e-4)

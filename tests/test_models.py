@@ -8,7 +8,7 @@ import torch
 
 from gopd_jax.generate import SamplingConfig, generate
 from gopd_jax.models import forward, load_hf_checkpoint, save_hf_checkpoint
-from gopd_jax.models.qwen3 import moe_dense, moe_grouped
+from gopd_jax.models.qwen3 import moe
 from tests.hf_reference import make_hf_model
 
 VARIANTS = [dict(moe=False, tied=True), dict(moe=False, tied=False), dict(moe=True, tied=False),
@@ -99,9 +99,9 @@ def test_grouped_moe_equals_dense_moe(checkpoint):
     _, _, params, config = checkpoint
     if not config.is_moe:
         pytest.skip("dense model")
-    moe = params["layers"][0]["moe"]
+    layer = params["layers"][0]["moe"]
     x = jax.random.normal(jax.random.key(3), (37, config.hidden_size))
-    np.testing.assert_allclose(moe_grouped(moe, config, x), moe_dense(moe, config, x), atol=1e-5)
+    np.testing.assert_allclose(moe(layer, config, x, grouped=True), moe(layer, config, x, grouped=False), atol=1e-5)
 
 
 # ---- bad input ----------------------------------------------------------------------------------

@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import dataclasses
-from typing import Any
+from typing import TYPE_CHECKING, Any, Optional
+
+if TYPE_CHECKING:
+    from jax.sharding import Mesh
 
 SUPPORTED_MODEL_TYPES = ("qwen3", "qwen3_moe")
 
@@ -30,6 +33,9 @@ class Qwen3Config:
     norm_topk_prob: bool = True
     decoder_sparse_step: int = 1
     mlp_only_layers: tuple[int, ...] = ()
+    # Placement, not architecture (never in config.json): a 1-D mesh whose axis splits the MoE experts, as
+    # `scoring.shard_params(..., "expert")` lays them out. MoE layers then run expert parallel (qwen3.moe).
+    expert_mesh: Optional["Mesh"] = None
 
     def __post_init__(self):
         if self.num_attention_heads % self.num_key_value_heads:
@@ -39,6 +45,11 @@ class Qwen3Config:
         if self.num_experts and not (0 < self.num_experts_per_tok <= self.num_experts):
             raise ValueError(f"num_experts_per_tok must be in 1..{self.num_experts}, got {self.num_experts_per_tok}")
         object.__setattr__(self, "mlp_only_layers", tuple(self.mlp_only_layers))
+        mesh = self.expert_mesh
+        if mesh is not None and (len(mesh.axis_names) != 1 or not self.is_moe or self.num_experts % mesh.size):
+            raise ValueError(f"expert_mesh needs a 1-D mesh (got axes {mesh.axis_names}) and a MoE config whose "
+                             f"num_experts ({self.num_experts}) is a multiple of its {mesh.size} devices; shard a "
+                             f"dense or indivisible model with scoring.shard_params(..., 'tensor') instead")
 
     @property
     def is_moe(self) -> bool:

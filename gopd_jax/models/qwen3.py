@@ -18,9 +18,11 @@ from __future__ import annotations
 
 import functools
 import warnings
+from typing import Optional
 
 import jax
 import jax.numpy as jnp
+from jax.sharding import PartitionSpec
 
 from gopd_jax.models.config import Qwen3Config
 
@@ -99,36 +101,67 @@ def _route(p, config: Qwen3Config, x):
     return weights.astype(x.dtype), experts
 
 
-def moe_dense(p, config: Qwen3Config, x):
-    """Exact reference path: every expert on every token, combined with the (sparse) routing weights.
-
-    Cheap only for tiny expert counts; used on CPU and as the test reference for `moe_grouped`."""
-    weights, experts = _route(p, config, x)
-    combine = jnp.sum(jax.nn.one_hot(experts, config.num_experts, dtype=x.dtype) * weights[..., None], axis=-2)
+def _experts_dense(p, x, weights, experts):
+    """Exact reference: every expert of `p` on every token, combined with the routing weights. experts [N, k]
+    index p's expert axis; an id outside it (another device's expert) contributes nothing. Cheap only for tiny
+    expert counts; used on CPU and as the test reference for `_experts_grouped`. Returns float32 [N, D]."""
+    combine = jnp.sum(jax.nn.one_hot(experts, p["gate"].shape[0], dtype=x.dtype) * weights[..., None], axis=-2)
     h = jax.nn.silu(jnp.einsum("nd,edf->nef", x, p["gate"])) * jnp.einsum("nd,edf->nef", x, p["up"])
     y = jnp.einsum("nef,efd->ned", h, p["down"])
-    return jnp.einsum("ned,ne->nd", y, combine)
+    return jnp.einsum("ned,ne->nd", y, combine, preferred_element_type=jnp.float32)
 
 
-def moe_grouped(p, config: Qwen3Config, x):
+def _experts_grouped(p, x, weights, experts):
     """Grouped path: token copies sorted by expert and multiplied with `ragged_dot`, so each token only
-    touches its top-k experts (the FLOPs of an active-parameter model)."""
-    k = config.num_experts_per_tok
-    weights, experts = _route(p, config, x)
+    touches its top-k experts (the FLOPs of an active-parameter model). Copies routed outside p's experts sort
+    last, past every group, and are dropped. Same contract as `_experts_dense`."""
+    e, k = p["gate"].shape[0], experts.shape[-1]
     flat = experts.reshape(-1)
+    local = (flat >= 0) & (flat < e)
+    flat = jnp.where(local, flat, e)
     order = jnp.argsort(flat, stable=True)
     xs = x[order // k]
-    sizes = jnp.bincount(flat, length=config.num_experts).astype(jnp.int32)
+    sizes = jnp.bincount(flat, length=e).astype(jnp.int32)
     h = jax.nn.silu(jax.lax.ragged_dot(xs, p["gate"], sizes)) * jax.lax.ragged_dot(xs, p["up"], sizes)
     ys = jax.lax.ragged_dot(h, p["down"], sizes)
     y = jnp.zeros_like(ys).at[order].set(ys).reshape(x.shape[0], k, -1)
-    return jnp.einsum("nkd,nk->nd", y, weights)
+    # Dropped copies lie past the last group, where ragged_dot's output is not to be relied on: select them
+    # away (weighting by 0 would let a NaN through).
+    y = jnp.where(local.reshape(x.shape[0], k, 1), y, 0)
+    return jnp.einsum("nkd,nk->nd", y, weights, preferred_element_type=jnp.float32)
+
+
+def moe(p, config: Qwen3Config, x, grouped: Optional[bool] = None):
+    """The MoE feed-forward of tokens x [N, D]: `_route`, then the routed experts, combined in float32.
+
+    grouped: the `ragged_dot` path (default off CPU) or the dense reference (default on CPU). With
+    `config.expert_mesh` the experts in `p` are split over that mesh (`scoring.shard_params(..., "expert")`)
+    and the layer runs expert parallel under `shard_map`: the (replicated) tokens are routed as on one device,
+    each device runs its own experts on the copies routed to them, and one psum of [N, D] combines the
+    devices; no expert weight leaves its device."""
+    if grouped is None:
+        grouped = jax.default_backend() != "cpu"
+    experts_fn = _experts_grouped if grouped else _experts_dense
+    weights, experts = _route(p, config, x)
+    ffn = {name: p[name] for name in ("gate", "up", "down")}
+    mesh = config.expert_mesh
+    if mesh is None:
+        return experts_fn(ffn, x, weights, experts).astype(x.dtype)
+    axis, = mesh.axis_names
+
+    def local(ffn, x, weights, experts):
+        first = jax.lax.axis_index(axis) * ffn["gate"].shape[0]  # this device's block of the expert axis
+        return jax.lax.psum(experts_fn(ffn, x, weights, experts - first), axis)
+
+    replicated = PartitionSpec()
+    y = jax.shard_map(local, mesh=mesh, in_specs=(PartitionSpec(axis), replicated, replicated, replicated),
+                      out_specs=replicated)(ffn, x, weights, experts)
+    return y.astype(x.dtype)
 
 
 def _moe(p, config: Qwen3Config, x):
     b, t, d = x.shape
-    impl = moe_dense if jax.default_backend() == "cpu" else moe_grouped
-    return impl(p, config, x.reshape(b * t, d)).reshape(b, t, d)
+    return moe(p, config, x.reshape(b * t, d)).reshape(b, t, d)
 
 
 def _qkv(p, config: Qwen3Config, x, positions):
