@@ -2,6 +2,7 @@
 task types, ScienceWorld's tasks, WebShop's product categories).
 
     python -m experiments.evaluate --env alfworld --split valid_unseen --policy expert --limit 12
+    python -m experiments.evaluate --env alfworld --split valid_unseen --policy expert --expert handcoded --max-turns 30
     python -m experiments.evaluate --env scienceworld --split test --policy CHECKPOINT_DIR --limit 30
     python -m experiments.evaluate --env webshop --split test --policy expert --data-dir $WEBSHOP_DATA
 A checkpoint is evaluated alone (beta = 0) at the eval temperature (default 0.4, the paper's).
@@ -39,6 +40,8 @@ def main(argv=None):
     ap.add_argument("--think", type=parse_bool, default=True)
     ap.add_argument("--tokenizer", default="", help="default: the checkpoint's own")
     ap.add_argument("--data-dir", default="")
+    ap.add_argument("--expert", default="", help="--policy expert: which expert where the env has several "
+                                                 "(ALFWorld: walkthrough, handcoded)")
     ap.add_argument("--dtype", default="bfloat16", choices=COMPUTE_DTYPES)
     ap.add_argument("--json", default="", help="also write the summary to this file")
     args = ap.parse_args(argv)
@@ -46,7 +49,8 @@ def main(argv=None):
         ap.error(f"--split {args.split!r} is not a {args.env} split; choose one of {', '.join(env_splits(args.env))}")
     if args.policy == "expert":
         summary = evaluate_expert(args.env, args.split, limit=args.limit or None, num_workers=args.num_workers,
-                                  data_dir=args.data_dir or None)
+                                  data_dir=args.data_dir or None, expert=args.expert or None,
+                                  **({"max_turns": args.max_turns} if args.max_turns else {}))
     else:
         cfg = dataclasses.replace(ExperimentConfig(), env=args.env, eval_split=args.split, eval_limit=args.limit,
                                   num_workers=args.num_workers, eval_temperature=args.temperature,

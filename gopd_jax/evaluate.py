@@ -117,14 +117,18 @@ def evaluate_checkpoint(cfg: ExperimentConfig, checkpoint: str) -> dict:
 
 
 def evaluate_expert(env_name: str, split: str, limit: int | None = None, num_workers: int = 2,
-                    data_dir: str | None = None, seed: int = 0, progress: bool = False) -> dict[str, Any]:
+                    data_dir: str | None = None, seed: int = 0, progress: bool = False,
+                    max_turns: int = EXPERT_TURN_LIMIT, expert: str | None = None) -> dict[str, Any]:
     """The environment's expert played through the rollout engine on `split` (all tasks, or a seeded
-    stratified draw of `limit`); returns `summarize` of the episodes (rounds = expert actions taken)."""
+    stratified draw of `limit`) for at most `max_turns`; returns `summarize` of the episodes (rounds = expert
+    actions taken). `expert`: which of the environment's experts where it has several (ALFWorld: "walkthrough",
+    the default, or "handcoded")."""
     from gopd_jax.methods import owners_from_beta
 
     tasks = stratified_draw(list_tasks(env_name, split, data_dir=data_dir), limit or 0, seed)
-    with EnvPool(env_name, env_kwargs(env_name, expert=True), num_workers=num_workers) as pool:
-        runner = RolloutRunner(pool, None, RolloutConfig(env=env_name, max_turns=EXPERT_TURN_LIMIT))
+    kwargs = {**env_kwargs(env_name, expert=True), **({"expert": expert} if expert else {})}
+    with EnvPool(env_name, kwargs, num_workers=num_workers) as pool:
+        runner = RolloutRunner(pool, None, RolloutConfig(env=env_name, max_turns=max_turns))
         episodes, _ = runner.run(tasks, {STUDENT: EXPERT, TEACHER: EXPERT}, owners_from_beta(1.0),
                                  jax.random.PRNGKey(seed), progress=progress, desc="expert")
     return summarize([e.result for e in episodes])

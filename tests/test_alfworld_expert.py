@@ -81,3 +81,13 @@ def test_dagger_labels_every_state_the_model_reaches(pool, tmp_path):
     rows = list(ec.iter_turns(records))
     assert [r.action for r in rows] == [t["label"] for t in turns]
     assert [h[1] for h in rows[-1].history] == [t["action"] for t in records[-1]["turns"][:-1]]
+
+
+def test_evaluate_expert_plays_the_expert_asked_for():
+    from gopd_jax.evaluate import evaluate_expert
+
+    kw = dict(limit=2, num_workers=1, seed=4)
+    walkthrough = evaluate_expert("alfworld", "valid_unseen", **kw)
+    handcoded = evaluate_expert("alfworld", "valid_unseen", expert="handcoded", max_turns=6, **kw)
+    assert walkthrough["success_rate"] == 100.0
+    assert handcoded["rounds"] <= 6 and handcoded["rounds"] != walkthrough["rounds"]
