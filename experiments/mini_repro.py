@@ -61,7 +61,7 @@ class MiniConfig:
     corpus_min_games: int = 300  # with a build still running elsewhere, the teacher starts once this many are stored
     tokenizer_games: int = 300  # the tokenizer is trained on the first N games of the shuffle
     vocab_size: int = 1024
-    k_history: int = 1
+    k_history: int = 4  # the last 4 steps: with 1 the teacher shuttled between two receptacles (no memory)
     max_prompt_tokens: int = 992  # + the reply: rows fit the widest SFT bucket (1024)
     # Teacher: Qwen3-MoE trained by SFT from the rendered corpus.
     # The teacher's corpus: "handcoded" replays ALFWorld's searching expert into `teacher_corpus_dir`;
