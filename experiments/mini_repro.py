@@ -140,14 +140,15 @@ def _base(mini: MiniConfig, **kw) -> ExperimentConfig:
                             checkpoint_every=10, progress=mini.progress, **kw)
 
 
-SNAPSHOTS = {"alfworld": Path(__file__).parent / "data" / "alfworld_train_corpus.tar.xz"}
+# Packed full train corpora shipped with the repository, per (environment, expert): a fresh machine replays nothing.
+SNAPSHOTS = {("alfworld", "walkthrough"): Path(__file__).parent / "data" / "alfworld_train_corpus.tar.xz",
+             ("alfworld", "handcoded"): Path(__file__).parent / "data" / "alfworld_train_handcoded_corpus.tar.xz"}
 
 
 def build_expert_corpus(mini: MiniConfig) -> Path:
     """Stage 1. The walkthrough corpus (tokenizer, SFT baseline; the teacher's too when `teacher_corpus_dir`
     is None)."""
-    # The repository ships the full ALFWorld train corpus packed (0.5 MB): a fresh machine skips the replay.
-    snapshot = SNAPSHOTS.get(mini.env) if mini.corpus_games is None else None
+    snapshot = SNAPSHOTS.get((mini.env, "walkthrough")) if mini.corpus_games is None else None
     return _corpus_stage(mini, Path(mini.corpus_dir), lambda: ec.build_corpus(
         mini.env, "train", mini.corpus_dir, num_workers=mini.corpus_workers, limit=mini.corpus_games,
         progress=mini.progress, snapshot=snapshot))
@@ -232,9 +233,11 @@ def build_teacher_corpus(mini: MiniConfig) -> Path:
     expert, which searches receptacles the way an agent that cannot see inside them must (the walkthroughs go
     straight to the object, so a model copying them learns to take objects that are not there)."""
     corpus = teacher_corpus_dir(mini)
+    snapshot = SNAPSHOTS.get((mini.env, mini.teacher_expert)) if mini.corpus_games is None else None
     return _corpus_stage(mini, Path(corpus), lambda: ec.build_corpus(
         mini.env, "train", corpus, num_workers=mini.corpus_workers, limit=mini.corpus_games,
-        max_turns=mini.teacher_eval_turns, progress=mini.progress, env_kwargs={"expert": mini.teacher_expert}))
+        max_turns=mini.teacher_eval_turns, progress=mini.progress, env_kwargs={"expert": mini.teacher_expert},
+        snapshot=snapshot))
 
 
 def collect_dagger(mini: MiniConfig, tokenizer, params, config: Qwen3Config, out: Path, round_: int) -> Path:
