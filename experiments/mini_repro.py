@@ -216,10 +216,11 @@ def _eval_teacher(mini: MiniConfig, tokenizer, params, config: Qwen3Config, task
 
 def _write_curve(out: Path, curve: list[dict]) -> None:
     (out / "curve.json").write_text(json.dumps(curve, indent=2))
-    lines = ["| step | epoch | corpus games | train tokens (M) | loss tokens (M) | train loss | eval games | "
-             "Success Rate (%) | valid actions (%) | Rounds |", "|---|---|---|---|---|---|---|---|---|---|"]
-    lines += [f"| {c['step']} | {c['epoch']} | {c['corpus_games']} | {c['train_tokens'] / 1e6:.2f} | "
-              f"{c['loss_tokens'] / 1e6:.3f} | {c['train_loss']:.3f} | {c['eval']['n']} | {c['eval']['success_rate']:.1f} | "
+    lines = ["| step | phase | epoch | corpus games | train tokens (M) | loss tokens (M) | train loss | eval games | "
+             "Success Rate (%) | valid actions (%) | Rounds |", "|---|---|---|---|---|---|---|---|---|---|---|"]
+    lines += [f"| {c['step']} | {c['phase']} | {c['epoch']} | {c['corpus_games']} | {c['train_tokens'] / 1e6:.2f} | "
+              f"{c['loss_tokens'] / 1e6:.3f} | {c['train_loss']:.3f} | {c['eval']['n']} | "
+              f"{c['eval']['success_rate']:.1f} | "
               f"{c['eval']['valid_action_rate']:.1f} | {c['eval']['rounds']:.1f} |" for c in curve]
     (out / "curve.md").write_text("\n".join(lines) + "\n")
 
@@ -276,7 +277,7 @@ def train_teacher(mini: MiniConfig, tokenizer, out: Path) -> str:
     (out / "config.json").write_text(json.dumps({"mini": dataclasses.asdict(mini), "model": dataclasses.asdict(config),
                                                  "params": config.num_params()}, indent=2))
     total = mini.teacher_steps + mini.dagger_rounds * mini.dagger_steps
-    bounds = [0, mini.teacher_steps, *(mini.teacher_steps + r * mini.dagger_steps for r in range(1, mini.dagger_rounds + 1))]
+    bounds = [0, *(mini.teacher_steps + r * mini.dagger_steps for r in range(mini.dagger_rounds + 1))]
     # Each (phase, epoch) trains on the shards stored when it starts (a corpus still being built grows between
     # epochs); epochs.json pins them so a resumed run replays the same batches.
     epochs_file = out / "epochs.json"
@@ -329,10 +330,11 @@ def train_teacher(mini: MiniConfig, tokenizer, out: Path) -> str:
             state, metrics = update(state, batch)
             totals["train_tokens"] += int((batch["tokens"] != (tokenizer.pad_token_id or 0)).sum())
             totals["loss_tokens"] += int(batch["loss_mask"].sum())
-            losses.append(float(metrics["loss"]))
+            losses.append(metrics["loss"])  # read back at log time: no host sync per step
             step = done = bounds[phase] + local + 1
             if done % mini.teacher_log_every == 0:
-                rec = {"step": done, "phase": phase, "epoch": epoch, "loss": statistics.fmean(losses), **totals,
+                rec = {"step": done, "phase": phase, "epoch": epoch,
+                       "loss": float(np.mean(jax.device_get(losses))), **totals,
                        "s_per_step": (time.perf_counter() - t0) / len(losses), "width": batch["tokens"].shape[1]}
                 log.write(json.dumps(rec) + "\n")
                 log.flush()
@@ -602,9 +604,11 @@ def results_table(root: Path, rows, mini: MiniConfig) -> str:
             if len(g) != len(o) or not o:
                 continue
             d = intervals.paired_difference(100 * _outcomes(g, "won"), 100 * _outcomes(o, "won"))
-            rel = lambda k: (f"{100 * (statistics.fmean(e[k] for e in g) / statistics.fmean(e[k] for e in o) - 1):+.1f}%"  # noqa: E731
-                             if statistics.fmean(e[k] for e in o) else "- (OPD at 0)")
-            diffs.append([model, split or "eval draw", len(g), str(d), rel("score"), rel("success_rate"), rel("rounds")])
+            def rel(k):
+                a, b = statistics.fmean(e[k] for e in g), statistics.fmean(e[k] for e in o)
+                return f"{100 * (a / b - 1):+.1f}%" if b else "- (OPD at 0)"
+            diffs.append([model, split or "eval draw", len(g), str(d), rel("score"), rel("success_rate"),
+                          rel("rounds")])
     lines += [markdown_table(["student", "split", "seeds", "Success Rate difference [95% CI]", "Score (relative)",
                               "Success Rate (relative)", "Rounds (relative)"], diffs)]
     return "\n".join(lines) + "\n"

@@ -31,8 +31,8 @@ def _replicates(outcomes: np.ndarray, n: int, seed: int) -> np.ndarray:
     rng = np.random.default_rng(seed)
     rows = rng.integers(0, s, size=(n, s))
     cols = rng.integers(0, g, size=(n, g))
-    # Mean over the drawn seeds of each drawn seed's mean over the drawn games.
-    per_seed = np.stack([outcomes[:, c].mean(axis=1) for c in cols])  # [n, seeds]
+    # Each replicate: every seed's mean over the drawn games, then the mean over the drawn seeds.
+    per_seed = outcomes[:, cols].mean(axis=2).T  # [n, seeds]
     return np.take_along_axis(per_seed, rows, axis=1).mean(axis=1)
 
 

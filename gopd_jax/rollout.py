@@ -221,15 +221,16 @@ class RolloutRunner:
                     live[slot] = ep
                     if first.done or not len(ep.owners):  # the environment died during reset, or no turn to play
                         finish(slot, ep)
-                    elif any(isinstance(p, ExpertPolicy) for p in policies.values()):
+                    # A planning expert's whole plan is fetched once; a state-dependent one answers every state.
+                    elif any(isinstance(p, ExpertPolicy) for p in policies.values()) and \
+                            "expert_action" not in first.info:
                         try:
                             ep.expert_actions = pool.expert_actions(slot)
                         except RuntimeError as e:  # the worker died or hung: the episode is lost, like a step
                             ep.last = failed_step_result(str(e))
                             finish(slot, ep)
                             continue
-                        if all(isinstance(p, ExpertPolicy) for p in policies.values()) and \
-                                "expert_action" not in first.info:
+                        if all(isinstance(p, ExpertPolicy) for p in policies.values()):
                             ep.owners = ep.owners[:len(ep.expert_actions)]  # the expert's plan is the episode
                             if not len(ep.owners):
                                 finish(slot, ep)

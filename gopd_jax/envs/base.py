@@ -6,8 +6,8 @@ Adapters live in their own modules and are created through `make_env` / enumerat
 from __future__ import annotations
 
 import dataclasses
-from pathlib import Path
 import importlib
+from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
 
 
