@@ -27,6 +27,7 @@ import functools
 import json
 import statistics
 import time
+from collections.abc import Sequence
 from pathlib import Path
 
 import jax
@@ -80,6 +81,9 @@ class MiniConfig:
     teacher_steps: int = 1500
     teacher_tokens_per_batch: int = 8192
     teacher_lr: float = 2e-3
+    # Weight per prompt token in the teacher's SFT loss (replies weigh 1): a teacher trained from scratch sees
+    # ~80 reply tokens per 8k-token step; the prompts teach it to read and copy its context.
+    teacher_prompt_weight: float = 0.0
     teacher_eval_steps: tuple[int, ...] = (250, 500, 1000)  # + the end of every phase
     teacher_eval_games: int = 30  # intermediate evals: a seeded draw stratified over task types
     teacher_eval_turns: int = 30
@@ -309,7 +313,8 @@ def train_teacher(mini: MiniConfig, tokenizer, out: Path) -> str:
         print(f"[mini_repro] teacher: resumed at step {start}", flush=True)
     curve = json.loads((out / "curve.json").read_text()) if (out / "curve.json").is_file() else []
     curve = [c for c in curve if c["step"] <= start]
-    update = jit_update_step(functools.partial(sft_loss_fn, config=config), optimizer)
+    update = jit_update_step(functools.partial(sft_loss_fn, config=config, prompt_weight=mini.teacher_prompt_weight),
+                             optimizer)
     eval_tasks = stratified_draw(list_tasks(mini.env, "valid_unseen"), mini.teacher_eval_games, seed=0)
     widths = ec.bucket_widths(mini.max_prompt_tokens + 32)
     # A resumed run drops what the killed one logged past its checkpoint.
@@ -330,22 +335,24 @@ def train_teacher(mini: MiniConfig, tokenizer, out: Path) -> str:
             state, metrics = update(state, batch)
             totals["train_tokens"] += int((batch["tokens"] != (tokenizer.pad_token_id or 0)).sum())
             totals["loss_tokens"] += int(batch["loss_mask"].sum())
-            losses.append(metrics["loss"])  # read back at log time: no host sync per step
+            losses.append((metrics["loss"], metrics["reply_loss"]))  # read back at log time: no host sync per step
             step = done = bounds[phase] + local + 1
             if done % mini.teacher_log_every == 0:
-                rec = {"step": done, "phase": phase, "epoch": epoch,
-                       "loss": float(np.mean(jax.device_get(losses))), **totals,
+                loss, reply_loss = np.mean(jax.device_get(losses), axis=0).tolist()
+                rec = {"step": done, "phase": phase, "epoch": epoch, "loss": loss, "reply_loss": reply_loss, **totals,
                        "s_per_step": (time.perf_counter() - t0) / len(losses), "width": batch["tokens"].shape[1]}
                 log.write(json.dumps(rec) + "\n")
                 log.flush()
-                print(f"[mini_repro] teacher step {done}/{total} phase {phase} epoch {epoch} loss {rec['loss']:.3f} "
+                print(f"[mini_repro] teacher step {done}/{total} phase {phase} epoch {epoch} loss {loss:.3f} "
+                      f"(replies {reply_loss:.3f}) "
                       f"tokens {totals['train_tokens'] / 1e6:.2f}M ({rec['s_per_step']:.2f} s/step)", flush=True)
                 t0, losses = time.perf_counter(), []
             if done in mini.teacher_eval_steps or (done in bounds[1:] and mini.teacher_eval_steps):
                 summary = _eval_teacher(mini, tokenizer, state.params, config, eval_tasks, seed=done)
                 curve.append({"step": done, "phase": phase, "epoch": epoch,
                               "corpus_games": len(corpus_for(phase, epoch).games), **totals,
-                              "train_loss": float(metrics["loss"]), "eval": summary})
+                              "train_loss": float(metrics["loss"]), "reply_loss": float(metrics["reply_loss"]),
+                              "eval": summary})
                 _write_curve(out, curve)
                 print(f"[mini_repro] teacher step {done}: {summary['success_rate']:.1f}% success on "
                       f"{summary['n']} stratified valid_unseen games", flush=True)
@@ -614,6 +621,22 @@ def results_table(root: Path, rows, mini: MiniConfig) -> str:
     return "\n".join(lines) + "\n"
 
 
+def override(mini: MiniConfig, settings: Sequence[str]) -> MiniConfig:
+    """`KEY=VALUE` settings over a preset (VALUE as JSON, lists as tuples; anything else is a string)."""
+    fields = {f.name for f in dataclasses.fields(MiniConfig)}
+    changes = {}
+    for item in settings:
+        key, sep, value = item.partition("=")
+        if not sep or key not in fields:
+            raise SystemExit(f"--set {item!r}: expected KEY=VALUE with KEY a MiniConfig field: {', '.join(sorted(fields))}")
+        try:
+            value = json.loads(value)
+        except json.JSONDecodeError:
+            pass  # a bare string such as a directory
+        changes[key] = tuple(value) if isinstance(value, list) else value
+    return dataclasses.replace(mini, **changes)
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--preset", choices=sorted(PRESETS), default="full")
@@ -621,8 +644,10 @@ def main(argv=None):
     ap.add_argument("--no-progress", action="store_true")
     ap.add_argument("--until", choices=STAGES, default="all", help="stop after this stage")
     ap.add_argument("--report-only", action="store_true", help="rebuild results.md from the finished runs")
+    ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                    help="override a preset's setting, e.g. --set teacher_prompt_weight=0.1 --set seeds=[0,1]")
     args = ap.parse_args(argv)
-    mini = PRESETS[args.preset]
+    mini = override(PRESETS[args.preset], args.set)
     mini = dataclasses.replace(mini, out_dir=args.out_dir or mini.out_dir, progress=not args.no_progress)
     report(mini) if args.report_only else run(mini, args.until)
 

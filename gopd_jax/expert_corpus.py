@@ -408,10 +408,12 @@ def bucket_widths(max_length: int, smallest: int = 128) -> tuple[int, ...]:
 
 def sft_batch(rendered: RenderedCorpus, rows: Sequence[int], batch_rows: int, width: int,
               pad_id: int = 0) -> dict[str, np.ndarray]:
-    """Rows of the corpus as one `[batch_rows, width]` batch: tokens, next-token targets and a loss mask
-    over the reply's targets only (prompt and padding carry none); missing rows are empty (all padding)."""
+    """Rows of the corpus as one `[batch_rows, width]` batch: tokens, next-token targets, a loss mask over the
+    reply's targets and a prompt mask over the prompt's own (padding carries neither); missing rows are empty
+    (all padding)."""
     tokens = np.full((batch_rows, width), pad_id, np.int32)
     mask = np.zeros((batch_rows, width), np.float32)
+    prompt_mask = np.zeros((batch_rows, width), np.float32)
     for i, r in enumerate(rows):
         prompt, reply = rendered.row(r)
         p, n = len(prompt), len(prompt) + len(reply)
@@ -420,8 +422,9 @@ def sft_batch(rendered: RenderedCorpus, rows: Sequence[int], batch_rows: int, wi
         tokens[i, :p] = prompt
         tokens[i, p:n] = reply
         mask[i, p - 1:n - 1] = 1.0  # targets[t] = tokens[t + 1]: the reply is predicted from p - 1 on
+        prompt_mask[i, :p - 1] = 1.0
     targets = np.concatenate([tokens[:, 1:], np.full((batch_rows, 1), pad_id, np.int32)], axis=1)
-    return {"tokens": tokens, "targets": targets, "loss_mask": mask}
+    return {"tokens": tokens, "targets": targets, "loss_mask": mask, "prompt_mask": prompt_mask}
 
 
 def epoch_plan(rendered: RenderedCorpus, tokens_per_batch: int, seed: int, epoch: int,

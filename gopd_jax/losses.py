@@ -297,11 +297,13 @@ def distill_loss(student_hidden, student_head, batch: Mapping[str, jax.Array], b
 
 
 def sft_loss(hidden, head, targets, mask, chunk=DEFAULT_CHUNK):
-    """Token-mean cross-entropy of ``hidden @ head`` over ``mask`` (the SFT baseline)."""
+    """Weighted token-mean cross-entropy of ``hidden @ head``: sum(mask * nll) / sum(mask). A 0/1 mask selects
+    the trained tokens (the SFT baseline: assistant tokens); fractional weights down-weight some of them."""
     _check_shape("mask", mask, hidden.shape[:2])
     logp, _ = token_logprobs(hidden, head, targets, chunk=chunk)
     mask = mask.astype(jnp.float32)
-    return -jnp.sum(jnp.where(mask > 0, logp, 0.0)) / jnp.maximum(jnp.sum(mask), 1.0)
+    total = jnp.sum(mask)
+    return -jnp.sum(jnp.where(mask > 0, mask * logp, 0.0)) / jnp.where(total > 0, total, 1.0)
 
 
 def is_finite(loss, grads) -> jax.Array:

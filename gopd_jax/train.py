@@ -270,14 +270,22 @@ def shard_batch(batch, n_devices: int):
 # ---- losses -------------------------------------------------------------------------------------------------
 
 def sft_loss_fn(params, batch, config: Qwen3Config, chunk: int = losses.DEFAULT_CHUNK, attention: str = "xla",
-                remat: str = "none"):
+                remat: str = "none", prompt_weight: float = 0.0):
     """Token-mean cross-entropy on batch["targets"] where batch["loss_mask"] is set (assistant tokens).
 
-    batch: "tokens", "targets", "loss_mask", all [B, T]. Bind config (and the static training options
-    attention / remat, see `models.qwen3.check_train_options`) with functools.partial."""
+    batch: "tokens", "targets", "loss_mask", all [B, T]. prompt_weight > 0 also trains the prompt's tokens
+    (batch["prompt_mask"]) at that weight per token: a model trained from scratch then learns to read and copy
+    its context (observations, admissible actions) from every token instead of only the few of each reply.
+    metrics["reply_loss"] is the assistant tokens' loss alone. Bind config, prompt_weight (and the static
+    training options attention / remat, see `models.qwen3.check_train_options`) with functools.partial."""
     hidden = forward_hidden(params, config, batch["tokens"], attention, remat)
-    loss = losses.sft_loss(hidden, output_head(params, config), batch["targets"], batch["loss_mask"], chunk=chunk)
-    return loss, {"n_tokens": jnp.sum(batch["loss_mask"].astype(jnp.float32))}
+    head = output_head(params, config)
+    reply_loss = losses.sft_loss(hidden, head, batch["targets"], batch["loss_mask"], chunk=chunk)
+    loss = reply_loss
+    if prompt_weight:
+        weights = batch["loss_mask"] + prompt_weight * batch["prompt_mask"]
+        loss = losses.sft_loss(hidden, head, batch["targets"], weights, chunk=chunk)
+    return loss, {"n_tokens": jnp.sum(batch["loss_mask"].astype(jnp.float32)), "reply_loss": reply_loss}
 
 
 def distill_loss_fn(params, batch, beta, teacher_params=None, *, config: Qwen3Config,
