@@ -119,7 +119,11 @@ def test_loss_mask_covers_exactly_the_reply(corpus, tokenizer, tmp_path):
         np.testing.assert_array_equal(batch["targets"][i][m], reply)  # exactly the reply ids, in order
         assert np.flatnonzero(m).tolist() == list(range(len(prompt) - 1, len(prompt) + len(reply) - 1))
         np.testing.assert_array_equal(batch["tokens"][i, :len(prompt)], prompt)
-    assert not batch["loss_mask"][2:].any()  # empty rows carry no loss
+        # The prompt mask: every target that is a prompt token (the first token is no target), nothing else.
+        pm = batch["prompt_mask"][i].astype(bool)
+        np.testing.assert_array_equal(batch["targets"][i][pm], prompt[1:])
+        assert not (pm & m).any()
+    assert not batch["loss_mask"][2:].any() and not batch["prompt_mask"][2:].any()  # empty rows carry no loss
 
 
 def test_epoch_plan_is_static_shaped_and_covers_each_row_once(corpus, tokenizer, tmp_path):

@@ -132,6 +132,10 @@ def test_sft_loss_matches_numpy():
     ref = np_token_stats(data["h"], data["w"], data["targets"], data["th"], data["tw"])
     expected = -(ref["logp"] * mask).sum() / mask.sum()
     close(L.sft_loss(h, w, batch["targets"], jnp.asarray(mask, jnp.float32), chunk=5), expected)
+    # Fractional weights (prompt tokens down-weighted): a weighted mean.
+    weights = data["student_mask"] + 0.1 * data["teacher_mask"]
+    expected = -(ref["logp"] * weights).sum() / weights.sum()
+    close(L.sft_loss(h, w, batch["targets"], jnp.asarray(weights, jnp.float32), chunk=5), expected)
 
 
 # --------------------------------------------------------------------------------------------------------

@@ -4,6 +4,7 @@ import dataclasses
 import json
 
 import numpy as np
+import pytest
 
 from experiments import mini_repro
 from gopd_jax import intervals
@@ -46,3 +47,11 @@ def test_results_table_reports_intervals_and_the_paired_difference(tmp_path):
     assert "| guided_opd (2) |" in table and "| opd (2) |" in table and "| sft (1) |" in table
     assert str(intervals.bootstrap(100 * won["teacher"][None])) in table
     assert (tmp_path / "results.md").read_text() == table
+
+
+def test_set_overrides_a_presets_fields_and_names_the_known_ones():
+    mini = mini_repro.override(mini_repro.PRESETS["full"], ["teacher_prompt_weight=0.1", "seeds=[3,4]",
+                                                            "out_dir=runs/elsewhere"])
+    assert (mini.teacher_prompt_weight, mini.seeds, mini.out_dir) == (0.1, (3, 4), "runs/elsewhere")
+    with pytest.raises(SystemExit, match="teacher_prompt_weight"):
+        mini_repro.override(mini, ["teacher_prompt_wieght=0.1"])

@@ -22,7 +22,7 @@ def mini(tmp_path_factory):
         mini_repro.PRESETS["quick"], out_dir=str(root), corpus_dir=str(root / "corpus"), corpus_games=2,
         corpus_min_games=2, tokenizer_games=2, corpus_workers=1, num_workers=1, vocab_size=300, max_prompt_tokens=480,
         teacher_layers=1, teacher_hidden=32, teacher_experts=2, teacher_steps=4, teacher_tokens_per_batch=2048,
-        teacher_checkpoint_every=2, teacher_log_every=1, teacher_eval_steps=(), teacher_final_eval_games=1, teacher_eval_turns=1,
+        teacher_prompt_weight=0.1, teacher_checkpoint_every=2, teacher_log_every=1, teacher_eval_steps=(), teacher_final_eval_games=1, teacher_eval_turns=1,
         max_new_tokens=4, progress=False)
     mini_repro.build_expert_corpus(mini)
     return mini

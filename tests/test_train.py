@@ -38,6 +38,26 @@ def assert_trees_close(a, b, tol=1e-5):
         np.testing.assert_allclose(np.asarray(x), np.asarray(y), atol=tol, rtol=tol)
 
 
+def test_prompt_weight_trains_prompt_tokens_at_that_weight_against_float64_numpy():
+    from gopd_jax.models import forward_hidden, output_head
+
+    batch = make_batch(0)
+    batch["prompt_mask"] = np.zeros_like(batch["loss_mask"])
+    batch["prompt_mask"][:, :3] = 1.0
+    params = init_params(CFG, jax.random.PRNGKey(0))
+    logits = (np.asarray(forward_hidden(params, CFG, batch["tokens"]), np.float64)
+              @ np.asarray(output_head(params, CFG), np.float64))
+    logits -= logits.max(-1, keepdims=True)
+    logp = logits - np.log(np.exp(logits).sum(-1, keepdims=True))
+    nll = -np.take_along_axis(logp, batch["targets"][..., None], -1)[..., 0]
+    reply, prompt = batch["loss_mask"], batch["prompt_mask"]
+    loss, metrics = LOSS(params, batch, prompt_weight=0.1)
+    np.testing.assert_allclose(loss, ((nll * reply).sum() + 0.1 * (nll * prompt).sum()) / (reply.sum() + 0.1 * prompt.sum()),
+                               rtol=1e-5)
+    np.testing.assert_allclose(metrics["reply_loss"], (nll * reply).sum() / reply.sum(), rtol=1e-5)
+    np.testing.assert_allclose(LOSS(params, batch)[0], metrics["reply_loss"], rtol=1e-6)  # weight 0: replies only
+
+
 @pytest.mark.multidevice
 @pytest.mark.timeout(300)
 def test_pmap_matches_single_device():
