@@ -63,6 +63,7 @@ class MiniConfig:
     tokenizer_games: int = 300  # the tokenizer is trained on the first N games of the shuffle
     vocab_size: int = 1024
     k_history: int = 4  # the last 4 steps: with 1 the teacher shuttled between two receptacles (no memory)
+    keep_first_observation: bool = False  # the room's receptacle list, in the expert's search order
     max_prompt_tokens: int = 992  # + the reply: rows fit the widest SFT bucket (1024)
     # Teacher: Qwen3-MoE trained by SFT from the rendered corpus.
     # The teacher's corpus: "handcoded" replays ALFWorld's searching expert into `teacher_corpus_dir`;
@@ -136,7 +137,8 @@ PRESETS = {
 
 def _base(mini: MiniConfig, **kw) -> ExperimentConfig:
     """The runner settings shared by every stage (tiny models: no thinking, short replies, float32)."""
-    return ExperimentConfig(env=mini.env, think=False, k_history=mini.k_history, max_turns=mini.max_turns,
+    return ExperimentConfig(env=mini.env, think=False, k_history=mini.k_history,
+                            keep_first_observation=mini.keep_first_observation, max_turns=mini.max_turns,
                             max_prompt_tokens=mini.max_prompt_tokens,
                             max_new_tokens=mini.max_new_tokens, compute_dtype="float32",
                             batch_tasks=mini.batch_tasks, learning_rate=mini.learning_rate, micro_batch_rows=8,
@@ -192,7 +194,8 @@ def _build_running(corpus: Path) -> bool:
 def rollout_settings(mini: MiniConfig, max_turns: int | None = None, temperature: float = 0.4) -> RolloutConfig:
     """The prompt format every stage shares (teacher and students): no thinking, k_history, prompt cap."""
     return RolloutConfig(env=mini.env, max_turns=max_turns or mini.max_turns, max_new_tokens=mini.max_new_tokens,
-                         temperature=temperature, k_history=mini.k_history, think=False,
+                         temperature=temperature, k_history=mini.k_history,
+                         keep_first_observation=mini.keep_first_observation, think=False,
                          max_prompt_tokens=mini.max_prompt_tokens)
 
 
@@ -206,7 +209,8 @@ def build_tokenizer(mini: MiniConfig, out: Path):
     texts = []
     for t in ec.iter_turns(records):
         texts += [m["content"] for m in build_messages(t.goal, list(t.history), t.observation, t.admissible_actions,
-                                                       mini.env, k_history=mini.k_history, think=False)]
+                                                       mini.env, k_history=mini.k_history, think=False,
+                                                       keep_first=mini.keep_first_observation)]
         texts.append(f"<action>{t.action}</action>")
     return train_bpe_tokenizer(texts, mini.vocab_size, out)
 

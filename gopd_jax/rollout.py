@@ -42,6 +42,7 @@ class RolloutConfig:
     top_p: float = 1.0
     top_k: int = 0
     k_history: int = 2
+    keep_first_observation: bool = False  # see prompting.build_messages
     think: bool = True
     max_prompt_tokens: int = 10_240
     length_bucket: int = 256  # prompt widths are bucket(length, this): few shapes get compiled
@@ -56,7 +57,7 @@ class RolloutConfig:
         return cls(env=cfg.env, max_turns=cfg.max_turns or None, max_new_tokens=cfg.max_new_tokens,
                    temperature=cfg.eval_temperature if evaluation else cfg.temperature,
                    top_p=1.0 if evaluation else cfg.top_p, top_k=0 if evaluation else cfg.top_k, k_history=cfg.k_history, think=cfg.think,
-                   max_prompt_tokens=cfg.max_prompt_tokens)
+                   keep_first_observation=cfg.keep_first_observation, max_prompt_tokens=cfg.max_prompt_tokens)
 
 
 def env_kwargs(env_name: str, expert: bool) -> dict:
@@ -111,7 +112,7 @@ class RolloutRunner:
         c = self.config
         ids = fit_prompt(lambda msgs: render_chat(self.tokenizer, msgs, enable_thinking=c.think), ep.goal,
                          ep.history, ep.last.observation, ep.last.admissible_actions, c.env, c.max_prompt_tokens,
-                         k_history=c.k_history, think=c.think)
+                         k_history=c.k_history, think=c.think, keep_first=c.keep_first_observation)
         return np.asarray(ids, np.int32)
 
     def expert_reply(self, action: str) -> np.ndarray:

@@ -51,6 +51,25 @@ def test_messages_first_turn_no_think_and_determinism():
     assert "Step" not in _messages([("a", "b")], k=0)[1]["content"]
 
 
+def test_kept_first_observation_shows_once_it_leaves_the_last_k_and_is_cut_after_the_history():
+    history = [("You see a cabinet 2, a cabinet 1 and a sink 1.", "go to cabinet 2")] + \
+        [(f"obs {i}", f"act {i}") for i in range(1, 5)]
+    def text(hist, k=2, keep=True):
+        return build_messages("put a mug in the sink", hist, "now", ("look",), "alfworld", k_history=k,
+                              keep_first=keep)[1]["content"]
+    first = "First observation (step 1):\nYou see a cabinet 2, a cabinet 1 and a sink 1."
+    assert first in text(history) and text(history).index(first) < text(history).index("Step 4")
+    assert first not in text(history, keep=False)
+    assert "First observation" not in text(history[:2])  # step 1 is still among the last 2: shown once
+    assert first in text(history, k=0)
+    with_first = _chars(build_messages("g", history, "now", ("look",), "alfworld", k_history=0, keep_first=True))
+    without = _chars(build_messages("g", history, "now", ("look",), "alfworld", k_history=0))
+    assert fit_prompt(_chars, "g", history, "now", ("look",), "alfworld", len(with_first), k_history=2,
+                      keep_first=True) == with_first  # the history goes first
+    assert fit_prompt(_chars, "g", history, "now", ("look",), "alfworld", len(with_first) - 1, k_history=2,
+                      keep_first=True) == without  # then the first observation
+
+
 def test_unknown_env_prompt():
     with pytest.raises(ValueError, match="alfworld"):
         build_messages("g", [], "o", (), "nethack")

@@ -1,7 +1,7 @@
 """Prompt format and action parsing shared by every environment.
 
-Each turn is one self-contained prompt (system + user message): the task, the last K
-(observation, action) pairs, the current observation and the admissible actions. The model answers
+Each turn is one self-contained prompt (system + user message): the task, optionally the episode's first
+observation, the last K (observation, action) pairs, the current observation and the admissible actions. The model answers
 `<think>...</think><action>...</action>`; only the action tag is required.
 """
 from __future__ import annotations
@@ -50,11 +50,15 @@ def system_prompt(env_name: str, think: bool = True) -> str:
 
 def build_messages(goal: str, history: list[tuple[str, str]], observation: str,
                    admissible_actions: tuple[str, ...] | list[str], env_name: str,
-                   k_history: int = 2, think: bool = True) -> list[dict[str, str]]:
+                   k_history: int = 2, think: bool = True, keep_first: bool = False) -> list[dict[str, str]]:
     """Chat messages for one turn. `history` holds every earlier (observation, action) pair of the
-    episode, oldest first; only the last `k_history` are shown, numbered by their step in the episode."""
+    episode, oldest first; only the last `k_history` are shown, numbered by their step in the episode.
+    keep_first: the first observation stays shown once it leaves the last K (ALFWorld's lists the room's
+    receptacles in the order a systematic search visits them; no later observation does)."""
     parts = [f"Task: {goal}"]
     recent = history[-k_history:] if k_history > 0 else []
+    if keep_first and len(history) > len(recent):
+        parts.append(f"First observation (step 1):\n{history[0][0]}")
     if recent:
         first = len(history) - len(recent) + 1
         steps = "\n\n".join(f"Step {first + i}\nObservation: {obs}\nAction: {act}"
@@ -70,28 +74,30 @@ def build_messages(goal: str, history: list[tuple[str, str]], observation: str,
 
 def fit_prompt(render, goal: str, history: list[tuple[str, str]], observation: str,
                admissible_actions: tuple[str, ...] | list[str], env_name: str, max_tokens: int,
-               k_history: int = 2, think: bool = True) -> list[int]:
+               k_history: int = 2, think: bool = True, keep_first: bool = False) -> list[int]:
     """Token ids of the longest prompt within `max_tokens`; `render(messages) -> ids` is the chat template.
 
-    Cuts in order of what matters least: history pairs first, then the tail of the admissible-action list
+    Cuts in order of what matters least: history pairs first, then the kept first observation, then the tail
+    of the admissible-action list
     (replaced by a line saying how many are hidden), and only as a last resort the start of the token ids.
     The system prompt and the task survive whenever the observation alone fits (ScienceWorld lists 100-440
     admissible actions, which alone can exceed a small tokenizer's budget)."""
-    def ids_for(k, n_actions):
+    def ids_for(k, first, n_actions):
         actions = list(admissible_actions[:n_actions])
         if n_actions < len(admissible_actions):
             actions.append(f"(... {len(admissible_actions) - n_actions} more admissible actions not shown)")
-        return render(build_messages(goal, history, observation, actions, env_name, k_history=k, think=think))
+        return render(build_messages(goal, history, observation, actions, env_name, k_history=k, think=think,
+                                     keep_first=first))
 
-    for k in range(k_history, -1, -1):
-        ids = ids_for(k, len(admissible_actions))
+    for k, first in [(k, keep_first) for k in range(k_history, -1, -1)] + [(0, False)] * keep_first:
+        ids = ids_for(k, first, len(admissible_actions))
         if len(ids) <= max_tokens:
             return ids
-    lo, hi = 0, len(admissible_actions)  # most actions that fit: ids_for(0, lo) fits or lo == 0
+    lo, hi = 0, len(admissible_actions)  # most actions that fit: ids_for(0, False, lo) fits or lo == 0
     while lo < hi:
         mid = (lo + hi + 1) // 2
-        lo, hi = (mid, hi) if len(ids_for(0, mid)) <= max_tokens else (lo, mid - 1)
-    return ids_for(0, lo)[-max_tokens:]
+        lo, hi = (mid, hi) if len(ids_for(0, False, mid)) <= max_tokens else (lo, mid - 1)
+    return ids_for(0, False, lo)[-max_tokens:]
 
 
 def parse_action(reply_text: str) -> str | None:
