@@ -67,7 +67,8 @@ class MiniConfig:
     max_prompt_tokens: int = 992  # + the reply: rows fit the widest SFT bucket (1024)
     # Teacher: Qwen3-MoE trained by SFT from the rendered corpus.
     # The teacher's corpus: "handcoded" replays ALFWorld's searching expert into `teacher_corpus_dir`;
-    # "walkthrough" (teacher_corpus_dir None) learns from `corpus_dir`.
+    # "walkthrough" (teacher_corpus_dir None) learns from `corpus_dir`. The students' SFT (warm-up, baseline) uses
+    # the same expert.
     teacher_expert: str = "handcoded"
     teacher_corpus_dir: str | None = "runs/corpus/alfworld_train_handcoded"
     # DAgger rounds after the SFT steps (see collect_dagger); 0 = none.
@@ -139,6 +140,7 @@ def _base(mini: MiniConfig, **kw) -> ExperimentConfig:
     """The runner settings shared by every stage (tiny models: no thinking, short replies, float32)."""
     return ExperimentConfig(env=mini.env, think=False, k_history=mini.k_history,
                             keep_first_observation=mini.keep_first_observation, max_turns=mini.max_turns,
+                            expert=mini.teacher_expert,
                             max_prompt_tokens=mini.max_prompt_tokens,
                             max_new_tokens=mini.max_new_tokens, compute_dtype="float32",
                             batch_tasks=mini.batch_tasks, learning_rate=mini.learning_rate, micro_batch_rows=8,

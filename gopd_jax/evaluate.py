@@ -126,8 +126,7 @@ def evaluate_expert(env_name: str, split: str, limit: int | None = None, num_wor
     from gopd_jax.methods import owners_from_beta
 
     tasks = stratified_draw(list_tasks(env_name, split, data_dir=data_dir), limit or 0, seed)
-    kwargs = {**env_kwargs(env_name, expert=True), **({"expert": expert} if expert else {})}
-    with EnvPool(env_name, kwargs, num_workers=num_workers) as pool:
+    with EnvPool(env_name, env_kwargs(env_name, True, expert or "walkthrough"), num_workers=num_workers) as pool:
         runner = RolloutRunner(pool, None, RolloutConfig(env=env_name, max_turns=max_turns))
         episodes, _ = runner.run(tasks, {STUDENT: EXPERT, TEACHER: EXPERT}, owners_from_beta(1.0),
                                  jax.random.PRNGKey(seed), progress=progress, desc="expert")

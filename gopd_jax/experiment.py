@@ -66,6 +66,7 @@ class ExperimentConfig:
     # truncation biases it; set true to train that way anyway.
     allow_biased_sampling: bool = False
     eval_temperature: float = 0.4
+    expert: str = "walkthrough"  # whose turns SFT trains on; ALFWorld also has "handcoded" (searches, re-plans)
     k_history: int = 2
     keep_first_observation: bool = False  # the episode's first observation stays in every prompt
     think: bool = True
@@ -87,6 +88,7 @@ class ExperimentConfig:
     def validate(self) -> "ExperimentConfig":
         """Fail before any work starts, naming the field and the fix: types, choices, ranges, paths, data."""
         from gopd_jax.envs import env_splits, list_tasks
+        from gopd_jax.envs.alfworld_env import EXPERTS as alfworld_experts
 
         def bad(field, msg):
             raise ValueError(f"config field {field!r}: {msg}")
@@ -107,6 +109,9 @@ class ExperimentConfig:
         for field, (rule, holds) in _RANGES.items():
             if not holds(getattr(self, field)):
                 bad(field, f"must be {rule}, got {getattr(self, field)!r}")
+        if self.expert != "walkthrough" and not (self.env == "alfworld" and self.expert in alfworld_experts):
+            bad("expert", f"{self.expert!r} is not a {self.env} expert; {self.env} has 'walkthrough'"
+                          + (f" and {', '.join(repr(e) for e in alfworld_experts[1:])}" if self.env == "alfworld" else ""))
         if self.estimator == "sampled" and not self.allow_biased_sampling:
             for field, neutral in (("temperature", 1.0), ("top_p", 1.0), ("top_k", 0)):
                 if getattr(self, field) != neutral:

@@ -60,10 +60,13 @@ class RolloutConfig:
                    keep_first_observation=cfg.keep_first_observation, max_prompt_tokens=cfg.max_prompt_tokens)
 
 
-def env_kwargs(env_name: str, expert: bool) -> dict:
+def env_kwargs(env_name: str, expert: bool, which: str = "walkthrough") -> dict:
     """Worker construction arguments. ScienceWorld computes gold paths at every reset (up to ~30 s on some
-    tasks): only when the expert plays."""
-    return {"gold_path": expert} if env_name == "scienceworld" else {}
+    tasks): only when the expert plays. `which`: ALFWorld's expert ("walkthrough" or "handcoded", see
+    AlfWorldEnv); the state-dependent handcoded one is built only when the expert plays."""
+    if env_name == "scienceworld":
+        return {"gold_path": expert}
+    return {"expert": which} if env_name == "alfworld" and expert and which != "walkthrough" else {}
 
 
 @dataclasses.dataclass

@@ -124,7 +124,7 @@ def run_experiment(cfg: ExperimentConfig) -> dict:
     base_key = jax.random.PRNGKey(cfg.seed)
     skips = 0  # consecutive non-finite steps
     # Task ids carry the data path, so workers need no data_dir.
-    with EnvPool(cfg.env, env_kwargs(cfg.env, expert=method.expert_plays), num_workers=cfg.num_workers) as pool:
+    with EnvPool(cfg.env, env_kwargs(cfg.env, method.expert_plays, cfg.expert), num_workers=cfg.num_workers) as pool:
         runner = RolloutRunner(pool, tokenizer, RolloutConfig.from_experiment(cfg))
         eval_runner = RolloutRunner(pool, tokenizer, RolloutConfig.from_experiment(cfg, evaluation=True))
         turn_limit = runner.config.turn_limit

@@ -52,11 +52,21 @@ def _cfg(ckpt, **kw):
     ("checkpoint_every", 0, ">= 1"), ("keep_checkpoints", 0, ">= 1"), ("num_workers", 0, ">= 1"),
     ("eval_limit", -133, ">= 0"), ("temperature", -1.0, ">= 0"), ("learning_rate", 0.0, "> 0"),
     ("seed", -1, ">= 0"), ("rho", float("nan"), "finite float"), ("steps", 2.5, "expected a int"),
-    ("think", "yes", "expected a bool"),
+    ("think", "yes", "expected a bool"), ("expert", "oracle", "'walkthrough' and 'handcoded'"),
 ])
 def test_validate_names_every_bad_field(ckpt, field, value, message):
     with pytest.raises(ValueError, match=f"config field '{field}': .*{message}"):
         _cfg(ckpt, **{field: value}).validate()
+
+
+def test_the_handcoded_expert_is_alfworlds_only_and_reaches_its_workers():
+    from gopd_jax.rollout import env_kwargs
+
+    with pytest.raises(ValueError, match="config field 'expert': 'handcoded' is not a scienceworld expert"):
+        ExperimentConfig(env="scienceworld", expert="handcoded").validate()
+    assert env_kwargs("alfworld", True, "handcoded") == {"expert": "handcoded"}
+    assert env_kwargs("alfworld", False, "handcoded") == {} == env_kwargs("alfworld", True)  # built only to play
+    assert env_kwargs("scienceworld", True) == {"gold_path": True}
 
 
 def test_cli_flags_are_validated_before_any_run(ckpt, tmp_path):
