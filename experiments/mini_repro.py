@@ -64,6 +64,7 @@ class MiniConfig:
     vocab_size: int = 1024
     k_history: int = 4  # the last 4 steps: with 1 the teacher shuttled between two receptacles (no memory)
     keep_first_observation: bool = False  # the room's receptacle list, in the expert's search order
+    earlier_actions: bool = False  # where the agent has been: the actions older than the last k_history steps
     max_prompt_tokens: int = 992  # + the reply: rows fit the widest SFT bucket (1024)
     # Teacher: Qwen3-MoE trained by SFT from the rendered corpus.
     # The teacher's corpus: "handcoded" replays ALFWorld's searching expert into `teacher_corpus_dir`;
@@ -139,7 +140,8 @@ PRESETS = {
 def _base(mini: MiniConfig, **kw) -> ExperimentConfig:
     """The runner settings shared by every stage (tiny models: no thinking, short replies, float32)."""
     return ExperimentConfig(env=mini.env, think=False, k_history=mini.k_history,
-                            keep_first_observation=mini.keep_first_observation, max_turns=mini.max_turns,
+                            keep_first_observation=mini.keep_first_observation,
+                            earlier_actions=mini.earlier_actions, max_turns=mini.max_turns,
                             expert=mini.teacher_expert,
                             max_prompt_tokens=mini.max_prompt_tokens,
                             max_new_tokens=mini.max_new_tokens, compute_dtype="float32",
@@ -197,7 +199,8 @@ def rollout_settings(mini: MiniConfig, max_turns: int | None = None, temperature
     """The prompt format every stage shares (teacher and students): no thinking, k_history, prompt cap."""
     return RolloutConfig(env=mini.env, max_turns=max_turns or mini.max_turns, max_new_tokens=mini.max_new_tokens,
                          temperature=temperature, k_history=mini.k_history,
-                         keep_first_observation=mini.keep_first_observation, think=False,
+                         keep_first_observation=mini.keep_first_observation,
+                         earlier_actions=mini.earlier_actions, think=False,
                          max_prompt_tokens=mini.max_prompt_tokens)
 
 
@@ -212,7 +215,8 @@ def build_tokenizer(mini: MiniConfig, out: Path):
     for t in ec.iter_turns(records):
         texts += [m["content"] for m in build_messages(t.goal, list(t.history), t.observation, t.admissible_actions,
                                                        mini.env, k_history=mini.k_history, think=False,
-                                                       keep_first=mini.keep_first_observation)]
+                                                       keep_first=mini.keep_first_observation,
+                                                       earlier_actions=mini.earlier_actions)]
         texts.append(f"<action>{t.action}</action>")
     return train_bpe_tokenizer(texts, mini.vocab_size, out)
 
@@ -322,7 +326,8 @@ def train_teacher(mini: MiniConfig, tokenizer, out: Path) -> str:
     update = jit_update_step(functools.partial(sft_loss_fn, config=config, prompt_weight=mini.teacher_prompt_weight),
                              optimizer)
     eval_tasks = stratified_draw(list_tasks(mini.env, "valid_unseen"), mini.teacher_eval_games, seed=0)
-    widths = ec.bucket_widths(mini.max_prompt_tokens + 32)
+    # Every multiple of 128 up to the widest bucket: rows of ~600 tokens would waste 40% of a 1024-wide step.
+    widths = tuple(range(128, ec.bucket_widths(mini.max_prompt_tokens + 32)[-1] + 1, 128))
     # A resumed run drops what the killed one logged past its checkpoint.
     logged = [r for r in read_jsonl(out / "metrics.jsonl") if r["step"] <= start]
     (out / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in logged))

@@ -69,6 +69,7 @@ class ExperimentConfig:
     expert: str = "walkthrough"  # whose turns SFT trains on; ALFWorld also has "handcoded" (searches, re-plans)
     k_history: int = 2
     keep_first_observation: bool = False  # the episode's first observation stays in every prompt
+    earlier_actions: bool = False  # the actions of the steps older than the last k_history, one line each
     think: bool = True
     num_workers: int = 8
     # Evaluation, checkpoints, logging.
@@ -184,7 +185,7 @@ _NOT_COMPARED = ("name", "out_dir", "resume_anyway")  # labels and switches, nev
 
 # What a checkpoint's evaluation (runner.evaluate_checkpoint) depends on, besides the checkpoint itself.
 EVAL_FIELDS = ("student", "env", "eval_split", "eval_limit", "eval_temperature", "max_turns", "max_new_tokens",
-               "max_prompt_tokens", "k_history", "keep_first_observation", "think", "tokenizer", "data_dir", "compute_dtype", "seed")
+               "max_prompt_tokens", "k_history", "keep_first_observation", "earlier_actions", "think", "tokenizer", "data_dir", "compute_dtype", "seed")
 
 
 def config_diff(saved: dict | str, cfg: ExperimentConfig, fields=None) -> dict[str, tuple]:

@@ -313,7 +313,8 @@ def render_turn(tokenizer, rollout_config, turn: ExpertTurn, runner=None) -> tup
     runner = runner or RolloutRunner(None, tokenizer, c)
     prompt = fit_prompt(lambda msgs: render_chat(tokenizer, msgs, enable_thinking=c.think), turn.goal,
                         list(turn.history), turn.observation, turn.admissible_actions, c.env, c.max_prompt_tokens,
-                        k_history=c.k_history, think=c.think, keep_first=c.keep_first_observation)
+                        k_history=c.k_history, think=c.think, keep_first=c.keep_first_observation,
+                        earlier_actions=c.earlier_actions)
     return prompt, runner.expert_reply(turn.action).tolist()
 
 
@@ -332,6 +333,7 @@ def render_corpus(corpus_dir: str | os.PathLike, tokenizer, rollout_config, *, s
         raise ValueError(f"corpus {corpus_dir} is {meta['env']}, the rollout config is {c.env}")
     names = list(shards) if shards is not None else [p.name for p in _shards(corpus_dir)]
     settings = {"env": c.env, "k_history": c.k_history, "keep_first_observation": c.keep_first_observation,
+                "earlier_actions": c.earlier_actions,
                 "think": c.think, "max_prompt_tokens": c.max_prompt_tokens,
                 "won_only": won_only, "render_version": RENDER_VERSION, "tokenizer": tokenizer_fingerprint(tokenizer)}
     cache = Path(cache_dir or corpus_dir / "rendered")

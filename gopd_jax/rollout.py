@@ -43,6 +43,7 @@ class RolloutConfig:
     top_k: int = 0
     k_history: int = 2
     keep_first_observation: bool = False  # see prompting.build_messages
+    earlier_actions: bool = False  # see prompting.build_messages
     think: bool = True
     max_prompt_tokens: int = 10_240
     length_bucket: int = 256  # prompt widths are bucket(length, this): few shapes get compiled
@@ -57,7 +58,8 @@ class RolloutConfig:
         return cls(env=cfg.env, max_turns=cfg.max_turns or None, max_new_tokens=cfg.max_new_tokens,
                    temperature=cfg.eval_temperature if evaluation else cfg.temperature,
                    top_p=1.0 if evaluation else cfg.top_p, top_k=0 if evaluation else cfg.top_k, k_history=cfg.k_history, think=cfg.think,
-                   keep_first_observation=cfg.keep_first_observation, max_prompt_tokens=cfg.max_prompt_tokens)
+                   keep_first_observation=cfg.keep_first_observation, earlier_actions=cfg.earlier_actions,
+                   max_prompt_tokens=cfg.max_prompt_tokens)
 
 
 def env_kwargs(env_name: str, expert: bool, which: str = "walkthrough") -> dict:
@@ -115,7 +117,8 @@ class RolloutRunner:
         c = self.config
         ids = fit_prompt(lambda msgs: render_chat(self.tokenizer, msgs, enable_thinking=c.think), ep.goal,
                          ep.history, ep.last.observation, ep.last.admissible_actions, c.env, c.max_prompt_tokens,
-                         k_history=c.k_history, think=c.think, keep_first=c.keep_first_observation)
+                         k_history=c.k_history, think=c.think, keep_first=c.keep_first_observation,
+                         earlier_actions=c.earlier_actions)
         return np.asarray(ids, np.int32)
 
     def expert_reply(self, action: str) -> np.ndarray:

@@ -70,6 +70,20 @@ def test_kept_first_observation_shows_once_it_leaves_the_last_k_and_is_cut_after
                       keep_first=True) == without  # then the first observation
 
 
+def test_earlier_actions_list_the_steps_older_than_the_last_k():
+    history = [("room", "look")] + [(f"obs {i}", f"act {i}") for i in range(1, 5)]
+    text = build_messages("g", history, "now", ("look",), "alfworld", k_history=2,
+                          earlier_actions=True)[1]["content"]
+    assert "Earlier actions (steps 1-3):\nlook\nact 1\nact 2\n" in text and "obs 2" not in text and "room" not in text
+    assert text.index("Earlier actions") < text.index("Step 4\nObservation: obs 3\nAction: act 3")
+    assert "Earlier actions" not in build_messages("g", history[:2], "now", ("look",), "alfworld", k_history=2,
+                                                   earlier_actions=True)[1]["content"]
+    full = _chars(build_messages("g", history, "now", ("look",), "alfworld", k_history=0, earlier_actions=True))
+    bare = _chars(build_messages("g", history, "now", ("look",), "alfworld", k_history=0))
+    assert fit_prompt(_chars, "g", history, "now", ("look",), "alfworld", len(full), earlier_actions=True) == full
+    assert fit_prompt(_chars, "g", history, "now", ("look",), "alfworld", len(full) - 1, earlier_actions=True) == bare
+
+
 def test_unknown_env_prompt():
     with pytest.raises(ValueError, match="alfworld"):
         build_messages("g", [], "o", (), "nethack")

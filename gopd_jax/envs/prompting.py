@@ -1,7 +1,8 @@
 """Prompt format and action parsing shared by every environment.
 
 Each turn is one self-contained prompt (system + user message): the task, optionally the episode's first
-observation, the last K (observation, action) pairs, the current observation and the admissible actions. The model answers
+observation and the actions of the steps older than the last K, the last K (observation, action) pairs, the
+current observation and the admissible actions. The model answers
 `<think>...</think><action>...</action>`; only the action tag is required.
 """
 from __future__ import annotations
@@ -50,15 +51,22 @@ def system_prompt(env_name: str, think: bool = True) -> str:
 
 def build_messages(goal: str, history: list[tuple[str, str]], observation: str,
                    admissible_actions: tuple[str, ...] | list[str], env_name: str,
-                   k_history: int = 2, think: bool = True, keep_first: bool = False) -> list[dict[str, str]]:
+                   k_history: int = 2, think: bool = True, keep_first: bool = False,
+                   earlier_actions: bool = False) -> list[dict[str, str]]:
     """Chat messages for one turn. `history` holds every earlier (observation, action) pair of the
     episode, oldest first; only the last `k_history` are shown, numbered by their step in the episode.
     keep_first: the first observation stays shown once it leaves the last K (ALFWorld's lists the room's
-    receptacles in the order a systematic search visits them; no later observation does)."""
+    receptacles in the order a systematic search visits them; no later observation does).
+    earlier_actions: the actions of the steps older than the last K, one per line (a cheap memory of where
+    the agent has been)."""
     parts = [f"Task: {goal}"]
     recent = history[-k_history:] if k_history > 0 else []
-    if keep_first and len(history) > len(recent):
-        parts.append(f"First observation (step 1):\n{history[0][0]}")
+    older = history[:len(history) - len(recent)]
+    if keep_first and older:
+        parts.append(f"First observation (step 1):\n{older[0][0]}")
+    if earlier_actions and older:
+        steps = "step 1" if len(older) == 1 else f"steps 1-{len(older)}"
+        parts.append(f"Earlier actions ({steps}):\n" + "\n".join(act for _, act in older))
     if recent:
         first = len(history) - len(recent) + 1
         steps = "\n\n".join(f"Step {first + i}\nObservation: {obs}\nAction: {act}"
@@ -74,23 +82,25 @@ def build_messages(goal: str, history: list[tuple[str, str]], observation: str,
 
 def fit_prompt(render, goal: str, history: list[tuple[str, str]], observation: str,
                admissible_actions: tuple[str, ...] | list[str], env_name: str, max_tokens: int,
-               k_history: int = 2, think: bool = True, keep_first: bool = False) -> list[int]:
+               k_history: int = 2, think: bool = True, keep_first: bool = False,
+               earlier_actions: bool = False) -> list[int]:
     """Token ids of the longest prompt within `max_tokens`; `render(messages) -> ids` is the chat template.
 
-    Cuts in order of what matters least: history pairs first, then the kept first observation, then the tail
-    of the admissible-action list
+    Cuts in order of what matters least: history pairs first, then the kept first observation and earlier
+    actions, then the tail of the admissible-action list
     (replaced by a line saying how many are hidden), and only as a last resort the start of the token ids.
     The system prompt and the task survive whenever the observation alone fits (ScienceWorld lists 100-440
     admissible actions, which alone can exceed a small tokenizer's budget)."""
-    def ids_for(k, first, n_actions):
+    def ids_for(k, older, n_actions):
         actions = list(admissible_actions[:n_actions])
         if n_actions < len(admissible_actions):
             actions.append(f"(... {len(admissible_actions) - n_actions} more admissible actions not shown)")
         return render(build_messages(goal, history, observation, actions, env_name, k_history=k, think=think,
-                                     keep_first=first))
+                                     keep_first=keep_first and older, earlier_actions=earlier_actions and older))
 
-    for k, first in [(k, keep_first) for k in range(k_history, -1, -1)] + [(0, False)] * keep_first:
-        ids = ids_for(k, first, len(admissible_actions))
+    extra = keep_first or earlier_actions
+    for k, older in [(k, True) for k in range(k_history, -1, -1)] + [(0, False)] * extra:
+        ids = ids_for(k, older, len(admissible_actions))
         if len(ids) <= max_tokens:
             return ids
     lo, hi = 0, len(admissible_actions)  # most actions that fit: ids_for(0, False, lo) fits or lo == 0
