@@ -72,6 +72,9 @@ class MiniConfig:
     # the same expert.
     teacher_expert: str = "handcoded"
     teacher_corpus_dir: str | None = "runs/corpus/alfworld_train_handcoded"
+    # The same expert on every valid_unseen game (30 turns): at each teacher evaluation, the % of its turns whose
+    # action the teacher's greedy decoding reproduces (expert_corpus.expert_agreement); None: not measured.
+    agreement_corpus_dir: str | None = "runs/corpus/alfworld_valid_unseen_handcoded"
     # DAgger rounds after the SFT steps (see collect_dagger); 0 = none.
     dagger_rounds: int = 2
     dagger_games: int = 120
@@ -129,7 +132,7 @@ PRESETS = {
                         corpus_min_games=12, tokenizer_games=12, vocab_size=512, teacher_layers=2, teacher_hidden=64,
                         teacher_experts=4, teacher_steps=40, teacher_tokens_per_batch=4096,
                         teacher_eval_steps=(), teacher_eval_games=6, teacher_eval_turns=6,
-                        teacher_final_eval_games=6,
+                        teacher_final_eval_games=6, agreement_corpus_dir=None,
                         teacher_checkpoint_every=20, student_hidden=(32,),
                         warmup_sft_steps=2, distill_steps=3, batch_tasks=2, methods=("opd", "guided_opd"),
                         seeds=(0,), baselines=(), final_eval_splits=(), max_turns=4, max_new_tokens=12, eval_limit=4,
@@ -230,11 +233,16 @@ def _eval_teacher(mini: MiniConfig, tokenizer, params, config: Qwen3Config, task
 
 def _write_curve(out: Path, curve: list[dict]) -> None:
     (out / "curve.json").write_text(json.dumps(curve, indent=2))
-    lines = ["| step | phase | epoch | corpus games | train tokens (M) | loss tokens (M) | train loss | eval games | "
-             "Success Rate (%) | valid actions (%) | Rounds |", "|---|---|---|---|---|---|---|---|---|---|---|"]
+    def agreement(c):
+        a = c.get("agreement")
+        return f"{a['agreement']:.1f} | {a['reply_nll']:.3f}" if a else "- | -"
+
+    lines = ["| step | phase | epoch | corpus games | train tokens (M) | loss tokens (M) | reply loss | "
+             "expert agreement (%) | valid_unseen reply NLL | eval games | Success Rate (%) | valid actions (%) | "
+             "Rounds |", "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     lines += [f"| {c['step']} | {c['phase']} | {c['epoch']} | {c['corpus_games']} | {c['train_tokens'] / 1e6:.2f} | "
-              f"{c['loss_tokens'] / 1e6:.3f} | {c['train_loss']:.3f} | {c['eval']['n']} | "
-              f"{c['eval']['success_rate']:.1f} | "
+              f"{c['loss_tokens'] / 1e6:.3f} | {c.get('reply_loss', c['train_loss']):.3f} | {agreement(c)} | "
+              f"{c['eval']['n']} | {c['eval']['success_rate']:.1f} | "
               f"{c['eval']['valid_action_rate']:.1f} | {c['eval']['rounds']:.1f} |" for c in curve]
     (out / "curve.md").write_text("\n".join(lines) + "\n")
 
@@ -249,10 +257,24 @@ def build_teacher_corpus(mini: MiniConfig) -> Path:
     straight to the object, so a model copying them learns to take objects that are not there)."""
     corpus = teacher_corpus_dir(mini)
     snapshot = SNAPSHOTS.get((mini.env, mini.teacher_expert)) if mini.corpus_games is None else None
-    return _corpus_stage(mini, Path(corpus), lambda: ec.build_corpus(
+    built = _corpus_stage(mini, Path(corpus), lambda: ec.build_corpus(
         mini.env, "train", corpus, num_workers=mini.corpus_workers, limit=mini.corpus_games,
         max_turns=mini.teacher_eval_turns, progress=mini.progress, env_kwargs={"expert": mini.teacher_expert},
         snapshot=snapshot))
+    if mini.agreement_corpus_dir:
+        ec.build_corpus(mini.env, "valid_unseen", mini.agreement_corpus_dir, num_workers=mini.corpus_workers,
+                        max_turns=mini.teacher_eval_turns, progress=mini.progress,
+                        env_kwargs={"expert": mini.teacher_expert})
+    return built
+
+
+def teacher_agreement(mini: MiniConfig, tokenizer, params, config: Qwen3Config) -> dict | None:
+    """expert_corpus.expert_agreement of the teacher on the validation expert corpus (every turn, won or not)."""
+    if not mini.agreement_corpus_dir:
+        return None
+    rendered = ec.render_corpus(mini.agreement_corpus_dir, tokenizer, rollout_settings(mini), won_only=False,
+                                progress=False)
+    return ec.expert_agreement(params, config, rendered, mini.teacher_tokens_per_batch, pad_id=tokenizer.pad_token_id or 0)
 
 
 def collect_dagger(mini: MiniConfig, tokenizer, params, config: Qwen3Config, out: Path, round_: int) -> Path:
@@ -363,6 +385,7 @@ def train_teacher(mini: MiniConfig, tokenizer, out: Path) -> str:
                 curve.append({"step": done, "phase": phase, "epoch": epoch,
                               "corpus_games": len(corpus_for(phase, epoch).games), **totals,
                               "train_loss": float(metrics["loss"]), "reply_loss": float(metrics["reply_loss"]),
+                              "agreement": teacher_agreement(mini, tokenizer, state.params, config),
                               "eval": summary})
                 _write_curve(out, curve)
                 print(f"[mini_repro] teacher step {done}: {summary['success_rate']:.1f}% success on "
@@ -648,6 +671,24 @@ def override(mini: MiniConfig, settings: Sequence[str]) -> MiniConfig:
     return dataclasses.replace(mini, **changes)
 
 
+def checkpoint_agreement(run_root: Path, step: int | None = None) -> dict:
+    """The expert agreement of a teacher checkpoint (default: the latest) of the run in `run_root`, under the
+    settings that run was made with; appended to its teacher/agreement.jsonl. For runs whose curve predates it."""
+    fields = {f.name for f in dataclasses.fields(MiniConfig)}
+    saved = json.loads((run_root / "teacher" / "config.json").read_text())["mini"]
+    mini = MiniConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in saved.items() if k in fields})
+    tokenizer = load_tokenizer(run_root / "tokenizer")
+    config = _teacher_config(mini, len(tokenizer))
+    optimizer = make_optimizer(optax.constant_schedule(mini.teacher_lr), weight_decay=0.01)  # restore's template
+    state = init_train_state(init_params(config, jax.random.PRNGKey(0)), optimizer, jax.random.PRNGKey(0))
+    ckpt = Checkpointer(run_root / "teacher" / "checkpoints")
+    state, extra = ckpt.restore(state, step=step)
+    result = {"step": extra["next_step"], **teacher_agreement(mini, tokenizer, state.params, config)}
+    with open(run_root / "teacher" / "agreement.jsonl", "a") as f:
+        f.write(json.dumps(result) + "\n")
+    return result
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--preset", choices=sorted(PRESETS), default="full")
@@ -655,12 +696,18 @@ def main(argv=None):
     ap.add_argument("--no-progress", action="store_true")
     ap.add_argument("--until", choices=STAGES, default="all", help="stop after this stage")
     ap.add_argument("--report-only", action="store_true", help="rebuild results.md from the finished runs")
+    ap.add_argument("--agreement", nargs="?", type=int, const=0, default=None, metavar="STEP",
+                    help="print (and log to teacher/agreement.jsonl) the expert agreement of the out-dir's teacher "
+                         "checkpoint at STEP (default: the latest)")
     ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                     help="override a preset's setting, e.g. --set teacher_prompt_weight=0.1 --set seeds=[0,1]")
     args = ap.parse_args(argv)
     mini = override(PRESETS[args.preset], args.set)
     mini = dataclasses.replace(mini, out_dir=args.out_dir or mini.out_dir, progress=not args.no_progress)
-    report(mini) if args.report_only else run(mini, args.until)
+    if args.agreement is not None:
+        print(json.dumps(checkpoint_agreement(Path(mini.out_dir), args.agreement or None)))
+    else:
+        report(mini) if args.report_only else run(mini, args.until)
 
 
 if __name__ == "__main__":

@@ -81,10 +81,12 @@ def test_rebuild_with_other_settings_is_refused(corpus):
         build_corpus("alfworld", "train", corpus, limit=GAMES + 1, progress=False)
 
 
-@pytest.mark.parametrize("think,max_prompt_tokens", [(False, 10_240), (True, 260)])
+@pytest.mark.parametrize("think,max_prompt_tokens,memory", [(False, 10_240, False), (True, 260, False),
+                                                             (False, 10_240, True)])
 def test_rendered_ids_equal_what_the_rollout_feeds(corpus, tokenizer, pool, tmp_path, monkeypatch, think,
-                                                   max_prompt_tokens):
-    cfg = RolloutConfig(env="alfworld", think=think, k_history=2, max_prompt_tokens=max_prompt_tokens)
+                                                   max_prompt_tokens, memory):
+    cfg = RolloutConfig(env="alfworld", think=think, k_history=1 if memory else 2, max_prompt_tokens=max_prompt_tokens,
+                        keep_first_observation=memory, earlier_actions=memory)
     rendered = render_corpus(corpus, tokenizer, cfg, cache_dir=tmp_path, progress=False)
     records = load_corpus(corpus)
     tasks = {task.game_id: task for task in list_tasks("alfworld", "train")}
@@ -124,6 +126,40 @@ def test_loss_mask_covers_exactly_the_reply(corpus, tokenizer, tmp_path):
         np.testing.assert_array_equal(batch["targets"][i][pm], prompt[1:])
         assert not (pm & m).any()
     assert not batch["loss_mask"][2:].any() and not batch["prompt_mask"][2:].any()  # empty rows carry no loss
+
+
+def test_expert_agreement_counts_the_replies_greedy_decoding_reproduces(corpus, tokenizer, tmp_path):
+    import functools
+
+    import optax
+
+    from gopd_jax.expert_corpus import expert_agreement
+    from gopd_jax.models import Qwen3Config, forward_hidden, init_params, output_head
+    from gopd_jax.train import init_train_state, jit_update_step, make_optimizer, sft_loss_fn
+
+    rendered = render_corpus(corpus, tokenizer, RolloutConfig(env="alfworld", think=False), cache_dir=tmp_path,
+                             progress=False)
+    config = Qwen3Config(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                         num_attention_heads=2, num_key_value_heads=1, head_dim=16)
+    optimizer = make_optimizer(optax.constant_schedule(1e-2))
+    state = init_train_state(init_params(config, jax.random.PRNGKey(0)), optimizer, jax.random.PRNGKey(0))
+    update = jit_update_step(functools.partial(sft_loss_fn, config=config), optimizer)
+    for _, (_, _, batch) in zip(range(40), sft_batches(rendered, 8192, seed=0)):
+        state, _ = update(state, batch)  # fit these few games: some replies become exact, some not
+    got = expert_agreement(state.params, config, rendered, tokens_per_batch=4096)
+    hits, nll, n = 0, 0.0, 0  # reference: each row alone, unpadded, float64
+    for i in range(len(rendered)):
+        prompt, reply = rendered.row(i)
+        ids = np.concatenate([prompt, reply])[None]
+        logits = np.asarray(forward_hidden(state.params, config, ids) @ output_head(state.params, config), np.float64)[0]
+        pred = logits[len(prompt) - 1:-1]
+        logp = pred - pred.max(-1, keepdims=True)
+        logp -= np.log(np.exp(logp).sum(-1, keepdims=True))
+        hits += bool((pred.argmax(-1) == reply).all())
+        nll, n = nll - logp[np.arange(len(reply)), reply].sum(), n + len(reply)
+    assert got["turns"] == len(rendered) and 0 < hits < len(rendered)
+    assert got["agreement"] == pytest.approx(100 * hits / len(rendered))
+    assert got["reply_nll"] == pytest.approx(nll / n, rel=1e-4)
 
 
 def test_epoch_plan_is_static_shaped_and_covers_each_row_once(corpus, tokenizer, tmp_path):

@@ -1,5 +1,6 @@
 """The mini-scale teacher stage: SFT from the cached expert corpus, killed and resumed = trained in one go."""
 import dataclasses
+import json
 
 import jax
 import numpy as np
@@ -87,3 +88,17 @@ def test_teacher_with_dagger_rounds_resumes_to_the_same_weights(mini, tmp_path, 
     (record,) = mini_repro.ec.load_corpus(tmp_path / "resumed" / "dagger" / "round-1")
     assert record["labelled"] and all(t["label"] in t["admissible_actions"] for t in record["turns"])
     assert mini_repro.ec.load_corpus(tmp_path / "straight" / "dagger" / "round-1") == [record]
+
+
+def test_teacher_curve_and_checkpoints_report_expert_agreement(mini, tmp_path):
+    mini = dataclasses.replace(mini, agreement_corpus_dir=mini.corpus_dir, teacher_eval_steps=(4,), teacher_eval_games=2)
+    tokenizer = mini_repro.build_tokenizer(mini, tmp_path / "tokenizer")
+    mini_repro.train_teacher(mini, tokenizer, tmp_path / "teacher")
+    logged = json.loads((tmp_path / "teacher" / "curve.json").read_text())[-1]
+    params, config = load_hf_checkpoint(tmp_path / "teacher" / "final_model")
+    rendered = mini_repro.ec.render_corpus(mini.corpus_dir, tokenizer, mini_repro.rollout_settings(mini),
+                                           won_only=False, progress=False)
+    want = mini_repro.ec.expert_agreement(params, config, rendered, mini.teacher_tokens_per_batch)
+    assert logged["step"] == 4 and logged["agreement"] == pytest.approx(want, rel=1e-4)  # float32 sums
+    assert "expert agreement" in (tmp_path / "teacher" / "curve.md").read_text()
+    assert mini_repro.checkpoint_agreement(tmp_path) == pytest.approx({"step": 4, **want}, rel=1e-4)
