@@ -275,7 +275,8 @@ def teacher_agreement(mini: MiniConfig, tokenizer, params, config: Qwen3Config) 
         return None
     rendered = ec.render_corpus(mini.agreement_corpus_dir, tokenizer, rollout_settings(mini), won_only=False,
                                 progress=False)
-    return ec.expert_agreement(params, config, rendered, mini.teacher_tokens_per_batch, pad_id=tokenizer.pad_token_id or 0)
+    return ec.expert_agreement(params, config, rendered, mini.teacher_tokens_per_batch,
+                               pad_id=tokenizer.pad_token_id or 0)
 
 
 def collect_dagger(mini: MiniConfig, tokenizer, params, config: Qwen3Config, out: Path, round_: int) -> Path:
@@ -663,7 +664,8 @@ def override(mini: MiniConfig, settings: Sequence[str]) -> MiniConfig:
     for item in settings:
         key, sep, value = item.partition("=")
         if not sep or key not in fields:
-            raise SystemExit(f"--set {item!r}: expected KEY=VALUE with KEY a MiniConfig field: {', '.join(sorted(fields))}")
+            raise SystemExit(f"--set {item!r}: expected KEY=VALUE with KEY a MiniConfig field: "
+                             f"{', '.join(sorted(fields))}")
         try:
             value = json.loads(value)
         except json.JSONDecodeError:

@@ -110,9 +110,9 @@ class ExperimentConfig:
         for field, (rule, holds) in _RANGES.items():
             if not holds(getattr(self, field)):
                 bad(field, f"must be {rule}, got {getattr(self, field)!r}")
-        if self.expert != "walkthrough" and not (self.env == "alfworld" and self.expert in alfworld_experts):
-            bad("expert", f"{self.expert!r} is not a {self.env} expert; {self.env} has 'walkthrough'"
-                          + (f" and {', '.join(repr(e) for e in alfworld_experts[1:])}" if self.env == "alfworld" else ""))
+        experts = alfworld_experts if self.env == "alfworld" else ("walkthrough",)
+        if self.expert not in experts:
+            bad("expert", f"{self.expert!r} is not a {self.env} expert; it has {' and '.join(map(repr, experts))}")
         if self.estimator == "sampled" and not self.allow_biased_sampling:
             for field, neutral in (("temperature", 1.0), ("top_p", 1.0), ("top_k", 0)):
                 if getattr(self, field) != neutral:
@@ -185,7 +185,8 @@ _NOT_COMPARED = ("name", "out_dir", "resume_anyway")  # labels and switches, nev
 
 # What a checkpoint's evaluation (runner.evaluate_checkpoint) depends on, besides the checkpoint itself.
 EVAL_FIELDS = ("student", "env", "eval_split", "eval_limit", "eval_temperature", "max_turns", "max_new_tokens",
-               "max_prompt_tokens", "k_history", "keep_first_observation", "earlier_actions", "think", "tokenizer", "data_dir", "compute_dtype", "seed")
+               "max_prompt_tokens", "k_history", "keep_first_observation", "earlier_actions", "think", "tokenizer",
+               "data_dir", "compute_dtype", "seed")
 
 
 def config_diff(saved: dict | str, cfg: ExperimentConfig, fields=None) -> dict[str, tuple]:

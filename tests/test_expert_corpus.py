@@ -151,7 +151,8 @@ def test_expert_agreement_counts_the_replies_greedy_decoding_reproduces(corpus, 
     for i in range(len(rendered)):
         prompt, reply = rendered.row(i)
         ids = np.concatenate([prompt, reply])[None]
-        logits = np.asarray(forward_hidden(state.params, config, ids) @ output_head(state.params, config), np.float64)[0]
+        logits = forward_hidden(state.params, config, ids) @ output_head(state.params, config)
+        logits = np.asarray(logits, np.float64)[0]
         pred = logits[len(prompt) - 1:-1]
         logp = pred - pred.max(-1, keepdims=True)
         logp -= np.log(np.exp(logp).sum(-1, keepdims=True))

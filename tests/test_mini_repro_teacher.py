@@ -23,7 +23,8 @@ def mini(tmp_path_factory):
         mini_repro.PRESETS["quick"], out_dir=str(root), corpus_dir=str(root / "corpus"), corpus_games=2,
         corpus_min_games=2, tokenizer_games=2, corpus_workers=1, num_workers=1, vocab_size=300, max_prompt_tokens=480,
         teacher_layers=1, teacher_hidden=32, teacher_experts=2, teacher_steps=4, teacher_tokens_per_batch=2048,
-        teacher_prompt_weight=0.1, teacher_checkpoint_every=2, teacher_log_every=1, teacher_eval_steps=(), teacher_final_eval_games=1, teacher_eval_turns=1,
+        teacher_prompt_weight=0.1, teacher_checkpoint_every=2, teacher_log_every=1, teacher_eval_steps=(),
+        teacher_final_eval_games=1, teacher_eval_turns=1,
         max_new_tokens=4, progress=False)
     mini_repro.build_expert_corpus(mini)
     return mini
@@ -91,7 +92,8 @@ def test_teacher_with_dagger_rounds_resumes_to_the_same_weights(mini, tmp_path, 
 
 
 def test_teacher_curve_and_checkpoints_report_expert_agreement(mini, tmp_path):
-    mini = dataclasses.replace(mini, agreement_corpus_dir=mini.corpus_dir, teacher_eval_steps=(4,), teacher_eval_games=2)
+    mini = dataclasses.replace(mini, agreement_corpus_dir=mini.corpus_dir, teacher_eval_steps=(4,),
+                               teacher_eval_games=2)
     tokenizer = mini_repro.build_tokenizer(mini, tmp_path / "tokenizer")
     mini_repro.train_teacher(mini, tokenizer, tmp_path / "teacher")
     logged = json.loads((tmp_path / "teacher" / "curve.json").read_text())[-1]

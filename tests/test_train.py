@@ -52,8 +52,8 @@ def test_prompt_weight_trains_prompt_tokens_at_that_weight_against_float64_numpy
     nll = -np.take_along_axis(logp, batch["targets"][..., None], -1)[..., 0]
     reply, prompt = batch["loss_mask"], batch["prompt_mask"]
     loss, metrics = LOSS(params, batch, prompt_weight=0.1)
-    np.testing.assert_allclose(loss, ((nll * reply).sum() + 0.1 * (nll * prompt).sum()) / (reply.sum() + 0.1 * prompt.sum()),
-                               rtol=1e-5)
+    want = ((nll * reply).sum() + 0.1 * (nll * prompt).sum()) / (reply.sum() + 0.1 * prompt.sum())
+    np.testing.assert_allclose(loss, want, rtol=1e-5)
     np.testing.assert_allclose(metrics["reply_loss"], (nll * reply).sum() / reply.sum(), rtol=1e-5)
     np.testing.assert_allclose(LOSS(params, batch)[0], metrics["reply_loss"], rtol=1e-6)  # weight 0: replies only
 
