@@ -269,13 +269,18 @@ def build_teacher_corpus(mini: MiniConfig) -> Path:
     return built
 
 
+def sft_widths(mini: MiniConfig) -> tuple[int, ...]:
+    """Every multiple of 128 up to the widest bucket: rows of ~600 tokens would waste 40% of a 1024-wide batch."""
+    return tuple(range(128, ec.bucket_widths(mini.max_prompt_tokens + 32)[-1] + 1, 128))
+
+
 def teacher_agreement(mini: MiniConfig, tokenizer, params, config: Qwen3Config) -> dict | None:
     """expert_corpus.expert_agreement of the teacher on the validation expert corpus (every turn, won or not)."""
     if not mini.agreement_corpus_dir:
         return None
     rendered = ec.render_corpus(mini.agreement_corpus_dir, tokenizer, rollout_settings(mini), won_only=False,
                                 progress=False)
-    return ec.expert_agreement(params, config, rendered, mini.teacher_tokens_per_batch,
+    return ec.expert_agreement(params, config, rendered, mini.teacher_tokens_per_batch, sft_widths(mini),
                                pad_id=tokenizer.pad_token_id or 0)
 
 
@@ -350,8 +355,7 @@ def train_teacher(mini: MiniConfig, tokenizer, out: Path) -> str:
     update = jit_update_step(functools.partial(sft_loss_fn, config=config, prompt_weight=mini.teacher_prompt_weight),
                              optimizer)
     eval_tasks = stratified_draw(list_tasks(mini.env, "valid_unseen"), mini.teacher_eval_games, seed=0)
-    # Every multiple of 128 up to the widest bucket: rows of ~600 tokens would waste 40% of a 1024-wide step.
-    widths = tuple(range(128, ec.bucket_widths(mini.max_prompt_tokens + 32)[-1] + 1, 128))
+    widths = sft_widths(mini)
     # A resumed run drops what the killed one logged past its checkpoint.
     logged = [r for r in read_jsonl(out / "metrics.jsonl") if r["step"] <= start]
     (out / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in logged))
