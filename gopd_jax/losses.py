@@ -303,7 +303,7 @@ def sft_loss(hidden, head, targets, mask, chunk=DEFAULT_CHUNK):
     logp, _ = token_logprobs(hidden, head, targets, chunk=chunk)
     mask = mask.astype(jnp.float32)
     total = jnp.sum(mask)
-    return -jnp.sum(jnp.where(mask > 0, mask * logp, 0.0)) / jnp.where(total > 0, total, 1.0)
+    return -jnp.sum(jnp.where(mask > 0, mask * logp, 0.0)) / jnp.where(total == 0, 1.0, total)  # NaN stays NaN
 
 
 def is_finite(loss, grads) -> jax.Array:
