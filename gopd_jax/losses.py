@@ -296,14 +296,19 @@ def distill_loss(student_hidden, student_head, batch: Mapping[str, jax.Array], b
     return loss, metrics
 
 
-def sft_loss(hidden, head, targets, mask, chunk=DEFAULT_CHUNK):
-    """Weighted token-mean cross-entropy of ``hidden @ head``: sum(mask * nll) / sum(mask). A 0/1 mask selects
-    the trained tokens (the SFT baseline: assistant tokens); fractional weights down-weight some of them."""
-    _check_shape("mask", mask, hidden.shape[:2])
-    logp, _ = token_logprobs(hidden, head, targets, chunk=chunk)
+def masked_nll(logp, mask):
+    """Weighted token-mean NLL: sum(mask * -logp) / sum(mask). A 0/1 mask selects tokens; fractional weights
+    down-weight some; a NaN weight keeps the result NaN (so the update step skips it)."""
     mask = mask.astype(jnp.float32)
     total = jnp.sum(mask)
-    return -jnp.sum(jnp.where(mask > 0, mask * logp, 0.0)) / jnp.where(total == 0, 1.0, total)  # NaN stays NaN
+    return -jnp.sum(jnp.where(mask > 0, mask * logp, 0.0)) / jnp.where(total == 0, 1.0, total)
+
+
+def sft_loss(hidden, head, targets, mask, chunk=DEFAULT_CHUNK):
+    """`masked_nll` of ``hidden @ head`` at `targets` (the SFT baseline: mask = assistant tokens)."""
+    _check_shape("mask", mask, hidden.shape[:2])
+    logp, _ = token_logprobs(hidden, head, targets, chunk=chunk)
+    return masked_nll(logp, mask)
 
 
 def is_finite(loss, grads) -> jax.Array:

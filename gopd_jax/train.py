@@ -279,12 +279,11 @@ def sft_loss_fn(params, batch, config: Qwen3Config, chunk: int = losses.DEFAULT_
     metrics["reply_loss"] is the assistant tokens' loss alone. Bind config, prompt_weight (and the static
     training options attention / remat, see `models.qwen3.check_train_options`) with functools.partial."""
     hidden = forward_hidden(params, config, batch["tokens"], attention, remat)
-    head = output_head(params, config)
-    reply_loss = losses.sft_loss(hidden, head, batch["targets"], batch["loss_mask"], chunk=chunk)
-    loss = reply_loss
-    if prompt_weight:
-        weights = batch["loss_mask"] + prompt_weight * batch["prompt_mask"]
-        loss = losses.sft_loss(hidden, head, batch["targets"], weights, chunk=chunk)
+    # One pass through the output head (the costliest matmul at a real vocabulary) serves both losses.
+    logp, _ = losses.token_logprobs(hidden, output_head(params, config), batch["targets"], chunk=chunk)
+    reply_loss = losses.masked_nll(logp, batch["loss_mask"])
+    loss = (losses.masked_nll(logp, batch["loss_mask"] + prompt_weight * batch["prompt_mask"]) if prompt_weight
+            else reply_loss)
     return loss, {"n_tokens": jnp.sum(batch["loss_mask"].astype(jnp.float32)), "reply_loss": reply_loss}
 
 
