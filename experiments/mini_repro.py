@@ -280,8 +280,12 @@ def teacher_agreement(mini: MiniConfig, tokenizer, params, config: Qwen3Config) 
         return None
     rendered = ec.render_corpus(mini.agreement_corpus_dir, tokenizer, rollout_settings(mini), won_only=False,
                                 progress=False)
+    # Which kinds of expert action the teacher gets wrong (search moves, object ids, appliance use) says what it
+    # still lacks better than the total does.
+    verbs = [(tokenizer.decode(rendered.row(i)[1], skip_special_tokens=True).split() or ["(empty)"])[0]
+             for i in range(len(rendered))]
     return ec.expert_agreement(params, config, rendered, mini.teacher_tokens_per_batch, sft_widths(mini),
-                               pad_id=tokenizer.pad_token_id or 0)
+                               pad_id=tokenizer.pad_token_id or 0, labels={"action": verbs})
 
 
 def collect_dagger(mini: MiniConfig, tokenizer, params, config: Qwen3Config, out: Path, round_: int) -> Path:

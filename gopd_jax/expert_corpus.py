@@ -30,7 +30,7 @@ import json
 import os
 import tempfile
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -470,12 +470,16 @@ def sft_batches(corpus: RenderedCorpus | Callable[[int], RenderedCorpus], tokens
 
 
 def expert_agreement(params, config, rendered: RenderedCorpus, tokens_per_batch: int = 8192,
-                     widths: Sequence[int] | None = None, pad_id: int = 0) -> dict[str, float]:
+                     widths: Sequence[int] | None = None, pad_id: int = 0,
+                     labels: Mapping[str, Sequence[str]] | None = None) -> dict:
     """How well a model imitates the expert on the expert's own states, over every row of `rendered`:
     "agreement" is the % of turns whose whole reply greedy decoding reproduces (each reply token the argmax
     given the expert's tokens before it, which is what greedy decoding then emits), "reply_nll" the replies'
     mean token NLL. Teacher-forced, so unlike success rate it needs no environment, moves long before the
-    model wins games, and has little variance on a few thousand turns."""
+    model wins games, and has little variance on a few thousand turns.
+
+    "by_task_type" breaks the agreement down per task type ({type: {"agreement", "turns"}}); `labels` adds one
+    such breakdown per entry, "by_<name>", from one label per row (for example the expert action's verb)."""
     import jax
     import jax.numpy as jnp
 
@@ -488,13 +492,24 @@ def expert_agreement(params, config, rendered: RenderedCorpus, tokens_per_batch:
         hit = (jnp.argmax(logits, -1) == targets) | (mask == 0)
         return jnp.all(hit, -1), jnp.sum(-logp * mask)
 
-    agree, nll, tokens, turns = 0, 0.0, 0.0, 0
+    hits = np.zeros(len(rendered), bool)
+    nll, tokens = 0.0, 0.0
     for width, rows in epoch_plan(rendered, tokens_per_batch, seed=0, epoch=0, widths=widths):
         b = sft_batch(rendered, rows, max(1, tokens_per_batch // width), width, pad_id)
-        hits, total = score(params, b["tokens"], b["targets"], b["loss_mask"])
-        agree += int(np.asarray(hits)[:len(rows)].sum())
-        nll, tokens, turns = nll + float(total), tokens + float(b["loss_mask"].sum()), turns + len(rows)
-    return {"agreement": 100.0 * agree / max(turns, 1), "reply_nll": nll / max(tokens, 1.0), "turns": turns}
+        row_hits, total = score(params, b["tokens"], b["targets"], b["loss_mask"])
+        hits[rows] = np.asarray(row_hits)[:len(rows)]
+        nll, tokens = nll + float(total), tokens + float(b["loss_mask"].sum())
+    groups = {"task_type": [rendered.task_types[g] for g in rendered.game_index], **(labels or {})}
+    result = {"agreement": float(100.0 * hits.mean()) if len(hits) else 0.0, "reply_nll": nll / max(tokens, 1.0),
+              "turns": len(rendered)}
+    for name, row_labels in groups.items():
+        if len(row_labels) != len(rendered):
+            raise ValueError(f"labels[{name!r}] has {len(row_labels)} entries for {len(rendered)} rows: give one "
+                             "label per row of the rendered corpus")
+        row_labels = np.asarray(row_labels)
+        result[f"by_{name}"] = {str(k): {"agreement": float(100.0 * hits[row_labels == k].mean()),
+                                         "turns": int((row_labels == k).sum())} for k in sorted(set(row_labels))}
+    return result
 
 
 def main(argv=None) -> None:

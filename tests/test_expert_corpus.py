@@ -146,8 +146,9 @@ def test_expert_agreement_counts_the_replies_greedy_decoding_reproduces(corpus, 
     update = jit_update_step(functools.partial(sft_loss_fn, config=config), optimizer)
     for _, (_, _, batch) in zip(range(40), sft_batches(rendered, 8192, seed=0)):
         state, _ = update(state, batch)  # fit these few games: some replies become exact, some not
-    got = expert_agreement(state.params, config, rendered, tokens_per_batch=4096)
-    hits, nll, n = 0, 0.0, 0  # reference: each row alone, unpadded, float64
+    parity = ["even" if i % 2 == 0 else "odd" for i in range(len(rendered))]
+    got = expert_agreement(state.params, config, rendered, tokens_per_batch=4096, labels={"parity": parity})
+    hits, nll, n, row_hits = 0, 0.0, 0, []  # reference: each row alone, unpadded, float64
     for i in range(len(rendered)):
         prompt, reply = rendered.row(i)
         ids = np.concatenate([prompt, reply])[None]
@@ -156,11 +157,19 @@ def test_expert_agreement_counts_the_replies_greedy_decoding_reproduces(corpus, 
         pred = logits[len(prompt) - 1:-1]
         logp = pred - pred.max(-1, keepdims=True)
         logp -= np.log(np.exp(logp).sum(-1, keepdims=True))
-        hits += bool((pred.argmax(-1) == reply).all())
+        row_hits.append(bool((pred.argmax(-1) == reply).all()))
+        hits += row_hits[-1]
         nll, n = nll - logp[np.arange(len(reply)), reply].sum(), n + len(reply)
     assert got["turns"] == len(rendered) and 0 < hits < len(rendered)
     assert got["agreement"] == pytest.approx(100 * hits / len(rendered))
     assert got["reply_nll"] == pytest.approx(nll / n, rel=1e-4)
+    types = [rendered.task_types[g] for g in rendered.game_index]
+    for name, labels in (("task_type", types), ("parity", parity)):
+        want = {k: [h for h, label in zip(row_hits, labels) if label == k] for k in set(labels)}
+        assert got[f"by_{name}"] == {k: {"agreement": pytest.approx(100 * np.mean(v)), "turns": len(v)}
+                                     for k, v in want.items()}
+    with pytest.raises(ValueError, match="one label per row"):
+        expert_agreement(state.params, config, rendered, tokens_per_batch=4096, labels={"parity": parity[1:]})
 
 
 def test_epoch_plan_is_static_shaped_and_covers_each_row_once(corpus, tokenizer, tmp_path):

@@ -101,6 +101,14 @@ def test_teacher_curve_and_checkpoints_report_expert_agreement(mini, tmp_path):
     rendered = mini_repro.ec.render_corpus(mini.corpus_dir, tokenizer, mini_repro.rollout_settings(mini),
                                            won_only=False, progress=False)
     want = mini_repro.ec.expert_agreement(params, config, rendered, mini.teacher_tokens_per_batch)
-    assert logged["step"] == 4 and logged["agreement"] == pytest.approx(want, rel=1e-4)  # float32 sums
+    totals = ("agreement", "reply_nll", "turns")
+    assert logged["step"] == 4
+    assert {k: logged["agreement"][k] for k in totals} == pytest.approx({k: want[k] for k in totals}, rel=1e-4)
+    assert logged["agreement"]["by_task_type"] == want["by_task_type"]
+    # The teacher's breakdown by the expert action's verb covers every turn, once.
+    by_action = logged["agreement"]["by_action"]
+    assert {"go", "take"} <= set(by_action) and sum(v["turns"] for v in by_action.values()) == want["turns"]
     assert "expert agreement" in (tmp_path / "teacher" / "curve.md").read_text()
-    assert mini_repro.checkpoint_agreement(tmp_path) == pytest.approx({"step": 4, **want}, rel=1e-4)
+    again = mini_repro.checkpoint_agreement(tmp_path)
+    assert again["step"] == 4 and again["by_action"] == by_action
+    assert {k: again[k] for k in totals} == pytest.approx({k: want[k] for k in totals}, rel=1e-4)
