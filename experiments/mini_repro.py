@@ -7,7 +7,8 @@ resumable after a kill:
   3. a small Qwen3-MoE teacher trained by SFT from the cached corpus (static-shape batches, no environment
      in the loop), its success rate measured against training tokens on a stratified draw of valid_unseen,
      and finally on all of valid_unseen;
-  4. small dense Qwen3 students, each warmed up by a short SFT from one shared init;
+  4. small dense Qwen3 students, each warmed up by a short SFT on the teacher's corpus (its recipe, no
+     environment in the loop), one checkpoint per size shared by every method and seed;
   5. from that same init: vanilla OPD, Guided-OPD (cosine curriculum) and SFT, for several seeds;
   6. evaluation on valid_unseen (beta = 0, temperature 0.4) and a results table with the paper-style
      relative gains of Guided-OPD over OPD.
@@ -288,7 +289,8 @@ def teacher_agreement(mini: MiniConfig, tokenizer, params, config: Qwen3Config) 
                                pad_id=tokenizer.pad_token_id or 0, labels={"action": verbs})
 
 
-def collect_dagger(mini: MiniConfig, tokenizer, params, config: Qwen3Config, out: Path, round_: int) -> Path:
+def collect_dagger(mini: MiniConfig, tokenizer, params, config: Qwen3Config, out: Path, round_: int,
+                   sft_steps: int) -> Path:
     """One DAgger round: the current teacher plays `dagger_games` train games (a seeded draw per round), the
     handcoded expert taking each turn with probability `dagger_beta` (the Guided-OPD idea: stay near the
     expert's states early); every state reached is labelled with the expert's action for it. Resumable."""
@@ -304,32 +306,64 @@ def collect_dagger(mini: MiniConfig, tokenizer, params, config: Qwen3Config, out
     return ec.build_corpus(mini.env, "train", out, num_workers=mini.num_workers, limit=mini.dagger_games,
                            seed=1000 + round_, max_turns=mini.teacher_eval_turns, progress=mini.progress,
                            env_kwargs={"expert": "handcoded"}, play=play,
-                           player=f"teacher step {mini.teacher_steps + (round_ - 1) * mini.dagger_steps}, "
+                           player=f"teacher step {sft_steps + (round_ - 1) * mini.dagger_steps}, "
                                   f"expert beta {mini.dagger_beta}")
 
 
 def train_teacher(mini: MiniConfig, tokenizer, out: Path) -> str:
     """Stage 3. SFT of a Qwen3-MoE teacher from the rendered corpus, then `dagger_rounds` DAgger rounds (each:
     collect labelled episodes of the current teacher, then `dagger_steps` more steps on the corpus plus every
-    round so far, the rounds' rows repeated `dagger_repeat` times); one learning-rate schedule over all steps.
-    Checkpointed and resumable. Success rate against training tokens on a stratified valid_unseen draw at
-    `teacher_eval_steps`, and on the whole of valid_unseen at the end (final_eval.json). Returns the final
-    model directory."""
+    round so far, the rounds' rows repeated `dagger_repeat` times). Returns the final model directory."""
     final = out / "final_model"
     if (out / "final_eval.json").is_file():
         return str(final)
+    train_on_corpus(mini, tokenizer, out, _teacher_config(mini, len(tokenizer)), steps=mini.teacher_steps,
+                    dagger_rounds=mini.dagger_rounds, eval_steps=mini.teacher_eval_steps)
+    if mini.final_eval_splits:  # the same whole-split evaluations as every student's
+        final_evaluation(mini, out)
+        summary = json.loads((out / f"full_eval_{mini.final_eval_splits[0]}.json").read_text())
+    else:
+        tasks = list_tasks(mini.env, "valid_unseen")
+        if mini.teacher_final_eval_games is not None:
+            tasks = stratified_draw(tasks, mini.teacher_final_eval_games, seed=1)
+        summary = _eval_teacher(mini, tokenizer, *load_hf_checkpoint(final, dtype=jnp.float32), tasks, seed=1)
+    (out / "final_eval.json").write_text(json.dumps(summary, indent=2))
+    print(f"[mini_repro] teacher on {summary['n']} valid_unseen games:\n{format_table(summary)}", flush=True)
+    return str(final)
+
+
+def warm_up_student(mini: MiniConfig, tokenizer, out: Path, hidden: int) -> str:
+    """Stage 4. A dense student's warm-up: `warmup_sft_steps` of the teacher's SFT recipe on the same corpus,
+    from a seeded init; its checkpoint is the start of every method and seed."""
+    final = out / "final_model"
+    if not (out / "final_eval.json").is_file():
+        train_on_corpus(mini, tokenizer, out, _dense(len(tokenizer), hidden, mini.student_layers),
+                        steps=mini.warmup_sft_steps, dagger_rounds=0, eval_steps=())
+        # The evaluation every distilled student's run ends with (seed 0's draw), so start and end compare.
+        summary = evaluate_checkpoint(_base(mini, name=out.name, out_dir=str(out), seed=0), str(final))
+        (out / "final_eval.json").write_text(json.dumps(summary, indent=2))
+    final_evaluation(mini, out)
+    return str(final)
+
+
+def train_on_corpus(mini: MiniConfig, tokenizer, out: Path, config: Qwen3Config, *, steps: int, dagger_rounds: int,
+                    eval_steps: Sequence[int]) -> str:
+    """`steps` SFT steps of `config` from the rendered corpus (prompt tokens at `teacher_prompt_weight`), then
+    `dagger_rounds` DAgger rounds of `dagger_steps`; one learning-rate schedule over all steps. Checkpointed and
+    resumable. Success rate against training tokens on a stratified valid_unseen draw at `eval_steps` (and at
+    the end of every phase when there are any), with the expert agreement. Returns the final model directory."""
+    final = out / "final_model"
     out.mkdir(parents=True, exist_ok=True)
-    config = _teacher_config(mini, len(tokenizer))
     render = rollout_settings(mini)
     (out / "config.json").write_text(json.dumps({"mini": dataclasses.asdict(mini), "model": dataclasses.asdict(config),
                                                  "params": config.num_params()}, indent=2))
-    total = mini.teacher_steps + mini.dagger_rounds * mini.dagger_steps
-    bounds = [0, *(mini.teacher_steps + r * mini.dagger_steps for r in range(mini.dagger_rounds + 1))]
+    total = steps + dagger_rounds * mini.dagger_steps
+    bounds = [0, *(steps + r * mini.dagger_steps for r in range(dagger_rounds + 1))]
     # Each (phase, epoch) trains on the shards stored when it starts (a corpus still being built grows between
     # epochs); epochs.json pins them so a resumed run replays the same batches.
     epochs_file = out / "epochs.json"
     epochs = json.loads(epochs_file.read_text()) if epochs_file.is_file() else {}
-    dagger_dirs = [out / "dagger" / f"round-{r}" for r in range(1, mini.dagger_rounds + 1)]
+    dagger_dirs = [out / "dagger" / f"round-{r}" for r in range(1, dagger_rounds + 1)]
 
     @functools.lru_cache(maxsize=2)
     def corpus_for(phase: int, epoch: int) -> ec.RenderedCorpus:
@@ -353,7 +387,7 @@ def train_teacher(mini: MiniConfig, tokenizer, out: Path) -> str:
     if ckpt.latest_step() is not None:
         state, extra = ckpt.restore(state)
         start, totals = extra["next_step"], extra["totals"]
-        print(f"[mini_repro] teacher: resumed at step {start}", flush=True)
+        print(f"[mini_repro] {out.name}: resumed at step {start}", flush=True)
     curve = json.loads((out / "curve.json").read_text()) if (out / "curve.json").is_file() else []
     curve = [c for c in curve if c["step"] <= start]
     update = jit_update_step(functools.partial(sft_loss_fn, config=config, prompt_weight=mini.teacher_prompt_weight),
@@ -368,7 +402,7 @@ def train_teacher(mini: MiniConfig, tokenizer, out: Path) -> str:
     while step < total:
         phase = max(p for p in range(len(bounds) - 1) if bounds[p] <= step)
         if phase:  # params here are the phase's start: a checkpoint is always saved at a phase boundary
-            collect_dagger(mini, tokenizer, state.params, config, dagger_dirs[phase - 1], phase)
+            collect_dagger(mini, tokenizer, state.params, config, dagger_dirs[phase - 1], phase, steps)
         t0, losses = time.perf_counter(), []
         for local, epoch, batch in ec.sft_batches(functools.partial(corpus_for, phase), mini.teacher_tokens_per_batch,
                                                   seed=phase, start_step=step - bounds[phase], widths=widths,
@@ -386,11 +420,11 @@ def train_teacher(mini: MiniConfig, tokenizer, out: Path) -> str:
                        "s_per_step": (time.perf_counter() - t0) / len(losses), "width": batch["tokens"].shape[1]}
                 log.write(json.dumps(rec) + "\n")
                 log.flush()
-                print(f"[mini_repro] teacher step {done}/{total} phase {phase} epoch {epoch} loss {loss:.3f} "
+                print(f"[mini_repro] {out.name} step {done}/{total} phase {phase} epoch {epoch} loss {loss:.3f} "
                       f"(replies {reply_loss:.3f}) "
                       f"tokens {totals['train_tokens'] / 1e6:.2f}M ({rec['s_per_step']:.2f} s/step)", flush=True)
                 t0, losses = time.perf_counter(), []
-            if done in mini.teacher_eval_steps or (done in bounds[1:] and mini.teacher_eval_steps):
+            if done in eval_steps or (done in bounds[1:] and eval_steps):
                 summary = _eval_teacher(mini, tokenizer, state.params, config, eval_tasks, seed=done)
                 curve.append({"step": done, "phase": phase, "epoch": epoch,
                               "corpus_games": len(corpus_for(phase, epoch).games), **totals,
@@ -398,7 +432,7 @@ def train_teacher(mini: MiniConfig, tokenizer, out: Path) -> str:
                               "agreement": teacher_agreement(mini, tokenizer, state.params, config),
                               "eval": summary})
                 _write_curve(out, curve)
-                print(f"[mini_repro] teacher step {done}: {summary['success_rate']:.1f}% success on "
+                print(f"[mini_repro] {out.name} step {done}: {summary['success_rate']:.1f}% success on "
                       f"{summary['n']} stratified valid_unseen games", flush=True)
                 t0 = time.perf_counter()  # the step timing excludes evaluations
             if done % mini.teacher_checkpoint_every == 0 or done in bounds[1:]:
@@ -407,16 +441,6 @@ def train_teacher(mini: MiniConfig, tokenizer, out: Path) -> str:
     ckpt.close()
     save_hf_checkpoint(jax.device_get(state.params), config, final)
     tokenizer.save_pretrained(final)
-    if mini.final_eval_splits:  # the same whole-split evaluations as every student's
-        final_evaluation(mini, out)
-        summary = json.loads((out / f"full_eval_{mini.final_eval_splits[0]}.json").read_text())
-    else:
-        tasks = list_tasks(mini.env, "valid_unseen")
-        if mini.teacher_final_eval_games is not None:
-            tasks = stratified_draw(tasks, mini.teacher_final_eval_games, seed=1)
-        summary = _eval_teacher(mini, tokenizer, *load_hf_checkpoint(final, dtype=jnp.float32), tasks, seed=1)
-    (out / "final_eval.json").write_text(json.dumps(summary, indent=2))
-    print(f"[mini_repro] teacher on {summary['n']} valid_unseen games:\n{format_table(summary)}", flush=True)
     return str(final)
 
 
@@ -488,12 +512,8 @@ def run(mini: MiniConfig, until: str = "all") -> str:
     students = {}
     for hidden in mini.student_hidden:
         name = f"d{hidden}_warmup"
-        with stage(mini, name, f"dense student d{hidden}, {mini.warmup_sft_steps} warm-up SFT steps, in {root / name}"):
-            init = random_checkpoint(_dense(vocab, hidden, mini.student_layers), tokenizer,
-                                     root / f"student_d{hidden}_init", seed=1)
-            _, students[hidden] = train_stage(_base(mini, name=name, out_dir=str(root / name), method="sft",
-                                                    student=init, teacher=teacher, steps=mini.warmup_sft_steps))
-            final_evaluation(mini, root / name)
+        with stage(mini, name, f"dense student d{hidden}, {mini.warmup_sft_steps} warm-up SFT steps on the corpus, in {root / name}"):
+            students[hidden] = warm_up_student(mini, tokenizer, root / name, hidden)
     # Seed-major order: an interrupted table still compares every method on the same seeds.
     table = ""
     for seed in mini.seeds:

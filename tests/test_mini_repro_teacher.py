@@ -112,3 +112,28 @@ def test_teacher_curve_and_checkpoints_report_expert_agreement(mini, tmp_path):
     again = mini_repro.checkpoint_agreement(tmp_path)
     assert again["step"] == 4 and again["by_action"] == by_action
     assert {k: again[k] for k in totals} == pytest.approx({k: want[k] for k in totals}, rel=1e-4)
+
+
+def test_student_warm_up_learns_from_the_corpus_and_is_evaluated_like_the_distilled_runs(mini, tmp_path, monkeypatch):
+    """The warm-up SFTs a dense student on the teacher's corpus with the teacher's recipe, and its start-of-table
+    evaluation is the draw every seed-0 distillation run ends with, so start and end compare game for game."""
+    from gopd_jax.evaluate import eval_tasks
+
+    mini = dataclasses.replace(mini, warmup_sft_steps=3, student_layers=1)
+    tokenizer = mini_repro.build_tokenizer(mini, tmp_path / "tokenizer")
+    final = mini_repro.warm_up_student(mini, tokenizer, tmp_path / "d16_warmup", hidden=16)
+
+    params, config = load_hf_checkpoint(final)
+    assert (config.hidden_size, config.num_hidden_layers, config.num_experts) == (16, 1, 0)
+    logged = mini_repro.read_jsonl(tmp_path / "d16_warmup" / "metrics.jsonl")
+    assert [r["step"] for r in logged] == [1, 2, 3] and logged[-1]["loss"] < logged[0]["loss"]
+    summary = json.loads((tmp_path / "d16_warmup" / "final_eval.json").read_text())
+    distilled_draw = eval_tasks(mini_repro._base(mini, seed=0))
+    assert [g["game"] for g in summary["games"]] == [t.game_id for t in distilled_draw]
+
+    def no_second_run(*args, **kwargs):
+        raise AssertionError("a finished warm-up is trained or evaluated again")
+
+    monkeypatch.setattr(mini_repro, "train_on_corpus", no_second_run)
+    monkeypatch.setattr(mini_repro, "evaluate_checkpoint", no_second_run)
+    assert mini_repro.warm_up_student(mini, tokenizer, tmp_path / "d16_warmup", hidden=16) == final
