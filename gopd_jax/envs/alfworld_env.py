@@ -148,8 +148,29 @@ def _memoized_parse(parse, maxsize: int = 8192):
     return parse_copy
 
 
+class _QueryCache:
+    """Stands in for `Rule` inside textworld's text generator, whose only use of it is parsing the conditions
+    of its grammar rules (TatSu, pure Python; ~19 parses of the same few strings per step, a third of a step).
+    The parsed query is only read (matched against the state), so every caller shares one."""
+
+    def __init__(self, rule_cls, maxsize: int = 4096):
+        self._rule_cls = rule_cls
+        self.parse_conjunctive_query = functools.lru_cache(maxsize=maxsize)(rule_cls.parse_conjunctive_query)
+
+    def __getattr__(self, name):
+        return getattr(self._rule_cls, name)
+
+
+def _copy_context(context: dict) -> dict:
+    """textworld's text generator copies a derivation context for every symbol it expands, deep-copying the
+    variable and placeholder maps (half of a step's time). Their values (entity infos, logic variables) are
+    never mutated, only the maps are extended, so copies of the maps suffice."""
+    return {"state": context["state"], "facts": context["facts"], "variables": dict(context["variables"]),
+            "mapping": dict(context["mapping"]), "entity_infos": context["entity_infos"]}
+
+
 def _install_engine_caches() -> None:
-    """Idempotent, per process; results are identical to the uncached engine (tests/test_alfworld_speed)."""
+    """Idempotent, per process; results are identical to the uncached engine (tests/test_alfworld_engine_caches)."""
     import fast_downward
     import textworld.envs.pddl.logic as pddl_logic
     import textworld.envs.pddl.textgen as textgen
@@ -158,6 +179,9 @@ def _install_engine_caches() -> None:
         pddl_logic.fast_downward = _TranslationCache(fast_downward)
     if not getattr(textgen._parse_and_convert, "memoized", False):
         textgen._parse_and_convert = _memoized_parse(textgen._parse_and_convert)
+    if not isinstance(textgen.Rule, _QueryCache):
+        textgen.Rule = _QueryCache(textgen.Rule)
+    textgen.copy_context = _copy_context
 
 
 def task_params(game_file: str) -> dict:
