@@ -21,7 +21,7 @@ import jax.numpy as jnp
 import numpy as np
 from tqdm.auto import tqdm
 
-from gopd_jax.batch import bucket
+from gopd_jax.batch import bucket, width_bucket
 from gopd_jax.envs import EnvPool, StepResult, TaskSpec, failed_step_result
 from gopd_jax.envs.prompting import (INVALID_HISTORY_ACTION, MAX_TURNS, fit_prompt, invalid_step_result, is_admissible,
                                      parse_action)
@@ -46,7 +46,7 @@ class RolloutConfig:
     earlier_actions: bool = False  # see prompting.build_messages
     think: bool = True
     max_prompt_tokens: int = 10_240
-    length_bucket: int = 256  # prompt widths are bucket(length, this): few shapes get compiled
+    length_bucket: int = 256  # prompt widths are width_bucket(length, this): few shapes get compiled
 
     @property
     def turn_limit(self) -> int:
@@ -90,7 +90,7 @@ class _Live:
 def _pad_batch(prompts: list[np.ndarray], width_multiple: int) -> tuple[np.ndarray, np.ndarray]:
     """Right-pad to a bucketed width and row count (dummy rows of one token)."""
     rows = bucket(len(prompts), 1)
-    width = bucket(max(len(p) for p in prompts), width_multiple)
+    width = width_bucket(max(len(p) for p in prompts), width_multiple)
     tokens = np.zeros((rows, width), np.int32)
     lengths = np.ones((rows,), np.int32)
     for i, p in enumerate(prompts):

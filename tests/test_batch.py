@@ -8,6 +8,15 @@ from gopd_jax.envs import StepResult
 from gopd_jax.records import STUDENT, TEACHER, Turn
 
 
+def test_width_bucket_steps_by_half_octaves():
+    from gopd_jax.batch import width_bucket
+
+    widths = [width_bucket(n, 128) for n in range(1, 3000)]
+    assert sorted(set(widths)) == [128, 256, 384, 512, 768, 1024, 1536, 2048, 3072]
+    assert all(w >= n and (n <= 256 or w <= 1.5 * n) for n, w in enumerate(widths, 1))  # past 2x: <= 1/3 padding
+    assert width_bucket(600, 256) == 768 and width_bucket(769, 256) == 1024
+
+
 def test_bucket_is_multiple_times_a_power_of_two():
     assert [bucket(n, 8) for n in (1, 8, 9, 16, 17, 33)] == [8, 8, 16, 16, 32, 64]
     assert [bucket(n, 1) for n in (1, 2, 3, 5)] == [1, 2, 4, 8]
