@@ -101,6 +101,7 @@ class MiniConfig:
     student_hidden: tuple[int, ...] = (48, 96)
     student_layers: int = 2
     warmup_sft_steps: int = 16
+    warmup_eval_steps: tuple[int, ...] = ()  # the warm-up's own curve (as the teacher's): how fast a student learns
     distill_steps: int = 12
     batch_tasks: int = 4
     learning_rate: float = 2e-3
@@ -338,7 +339,7 @@ def warm_up_student(mini: MiniConfig, tokenizer, out: Path, hidden: int) -> str:
     final = out / "final_model"
     if not (out / "final_eval.json").is_file():
         train_on_corpus(mini, tokenizer, out, _dense(len(tokenizer), hidden, mini.student_layers),
-                        steps=mini.warmup_sft_steps, dagger_rounds=0, eval_steps=())
+                        steps=mini.warmup_sft_steps, dagger_rounds=0, eval_steps=mini.warmup_eval_steps)
         # The evaluation every distilled student's run ends with (seed 0's draw), so start and end compare.
         summary = evaluate_checkpoint(_base(mini, name=out.name, out_dir=str(out), seed=0), str(final))
         (out / "final_eval.json").write_text(json.dumps(summary, indent=2))

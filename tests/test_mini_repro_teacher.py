@@ -119,7 +119,7 @@ def test_student_warm_up_learns_from_the_corpus_and_is_evaluated_like_the_distil
     evaluation is the draw every seed-0 distillation run ends with, so start and end compare game for game."""
     from gopd_jax.evaluate import eval_tasks
 
-    mini = dataclasses.replace(mini, warmup_sft_steps=3, student_layers=1)
+    mini = dataclasses.replace(mini, warmup_sft_steps=3, warmup_eval_steps=(2,), student_layers=1)
     tokenizer = mini_repro.build_tokenizer(mini, tmp_path / "tokenizer")
     final = mini_repro.warm_up_student(mini, tokenizer, tmp_path / "d16_warmup", hidden=16)
 
@@ -127,6 +127,8 @@ def test_student_warm_up_learns_from_the_corpus_and_is_evaluated_like_the_distil
     assert (config.hidden_size, config.num_hidden_layers, config.num_experts) == (16, 1, 0)
     logged = mini_repro.read_jsonl(tmp_path / "d16_warmup" / "metrics.jsonl")
     assert [r["step"] for r in logged] == [1, 2, 3] and logged[-1]["loss"] < logged[0]["loss"]
+    curve = json.loads((tmp_path / "d16_warmup" / "curve.json").read_text())
+    assert [c["step"] for c in curve] == [2, 3]  # the asked-for step and the end of its only phase
     summary = json.loads((tmp_path / "d16_warmup" / "final_eval.json").read_text())
     distilled_draw = eval_tasks(mini_repro._base(mini, seed=0))
     assert [g["game"] for g in summary["games"]] == [t.game_id for t in distilled_draw]
