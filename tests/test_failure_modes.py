@@ -245,3 +245,27 @@ def test_worker_dying_at_start_reports_its_own_error(tmp_path):
     assert 'has no `if __name__ == "__main__":` guard' in parent
     assert "its error while starting" in parent and "bootstrapping phase" in parent
     assert not list((tmp_path / "tmp").iterdir())  # the workers' report files are cleaned up
+
+
+def test_worker_busy_with_an_unguarded_script_times_out_naming_the_guard(tmp_path):
+    """An unguarded script that works (here: sleeps) before it starts its pool: each spawned worker repeats
+    that work and cannot answer in time. The parent's error must say why, not just "timed out"."""
+    script = tmp_path / "slow_no_guard.py"
+    script.write_text(textwrap.dedent("""
+        import time
+
+        import gopd_jax.envs.pool as pool
+
+        pool._STARTUP_ALLOWANCE_S = 2.0  # the real allowance is minutes
+        time.sleep(6)  # stands in for the training a real script does before it evaluates
+        pool.EnvPool("alfworld", num_workers=1)
+        print("pool started")
+    """))
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    proc = subprocess.run([sys.executable, str(script)], cwd=tmp_path, env=env, capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode != 0 and "pool started" not in proc.stdout
+    marker = "RuntimeError: alfworld worker 0 failed to start"
+    assert marker in proc.stderr, proc.stderr[-3000:]
+    parent = proc.stderr[proc.stderr.index(marker):]
+    assert "no answer within 2 s of its start" in parent and 'if __name__ == "__main__":' in parent

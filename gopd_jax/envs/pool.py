@@ -28,6 +28,9 @@ _WAIT_MODES = ("all", "any", "none")
 _STARTUP_REPORT = "GOPD_JAX_WORKER_STARTUP_REPORT"
 _NO_MAIN_GUARD = "finished its bootstrapping phase"  # multiprocessing's error when a worker re-runs the start
 _STARTUP_ERROR = "its error while starting"
+_SLOW_START = ("a starting worker first re-runs the parent's main script, so a script without an "
+               "`if __name__ == \"__main__\":` guard repeats its own work (training, evaluation) in every worker "
+               "before it can serve; put that work under such a guard")
 
 
 def _report_startup_errors() -> None:
@@ -94,7 +97,7 @@ class _Worker:
             os.environ.pop(_STARTUP_REPORT, None)
         child_conn.close()
         self.fresh = True  # its first request also pays for start-up
-        self.pending: tuple[str, float] | None = None  # (method, deadline)
+        self.pending: tuple[str, float, bool] | None = None  # (method, deadline, sent to a starting worker)
 
     def kill(self) -> None:
         self.process.kill()  # SIGKILL also ends a SIGSTOPped process
@@ -198,7 +201,7 @@ class EnvPool:
         if worker.pending is not None:
             raise ValueError(f"slot {slot} already has a pending {worker.pending[0]!r} request")
         allowance = _STARTUP_ALLOWANCE_S if worker.fresh else 0.0
-        worker.pending = (method, time.monotonic() + self.timeouts[method] + allowance)
+        worker.pending = (method, time.monotonic() + self.timeouts[method] + allowance, worker.fresh)
         worker.fresh = False
         try:
             worker.conn.send((method, args))
@@ -241,6 +244,9 @@ class EnvPool:
                     reason = value or worker.death_reason()
                 elif time.monotonic() >= worker.pending[1]:
                     reason = f"timed out after {self.timeouts[method]:.0f} s"
+                    if worker.pending[2]:
+                        reason = (f"no answer within {self.timeouts[method] + _STARTUP_ALLOWANCE_S:.0f} s of its "
+                                  f"start; {_SLOW_START}")
                 else:
                     continue
                 self._restart(slot)
