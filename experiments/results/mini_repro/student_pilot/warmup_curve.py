@@ -13,7 +13,8 @@ def main():
     evals = tuple(int(s) for s in sys.argv[6].split(","))
     mini = dataclasses.replace(mr.PRESETS["full"], student_layers=layers, progress=False)
     tok = load_tokenizer(tokenizer_dir)
-    mr.train_on_corpus(mini, tok, out, mr._dense(len(tok), hidden, layers), steps=steps, dagger_rounds=0, eval_steps=evals)
+    mr.train_on_corpus(mini, tok, out, mr._dense(len(tok), hidden, layers), steps=steps, dagger_rounds=0,
+                       eval_steps=evals)
 
 
 if __name__ == "__main__":  # env workers are spawned: they re-import this script
