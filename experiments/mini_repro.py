@@ -445,13 +445,6 @@ def train_on_corpus(mini: MiniConfig, tokenizer, out: Path, config: Qwen3Config,
     return str(final)
 
 
-def random_checkpoint(config: Qwen3Config, tokenizer, out: Path, seed: int) -> str:
-    if not (out / "config.json").is_file():
-        save_hf_checkpoint(init_params(config, jax.random.PRNGKey(seed)), config, out)
-        tokenizer.save_pretrained(out)
-    return str(out)
-
-
 def _dense(vocab: int, hidden: int, layers: int) -> Qwen3Config:
     return Qwen3Config(vocab_size=vocab, hidden_size=hidden, intermediate_size=3 * hidden, num_hidden_layers=layers,
                        num_attention_heads=max(2, hidden // 32), num_key_value_heads=1, head_dim=32,
@@ -513,7 +506,8 @@ def run(mini: MiniConfig, until: str = "all") -> str:
     students = {}
     for hidden in mini.student_hidden:
         name = f"d{hidden}_warmup"
-        with stage(mini, name, f"dense student d{hidden}, {mini.warmup_sft_steps} warm-up SFT steps on the corpus, in {root / name}"):
+        with stage(mini, name, f"dense student d{hidden}, {mini.warmup_sft_steps} warm-up SFT steps on the corpus, "
+                               f"in {root / name}"):
             students[hidden] = warm_up_student(mini, tokenizer, root / name, hidden)
     # Seed-major order: an interrupted table still compares every method on the same seeds.
     table = ""

@@ -25,6 +25,7 @@ import argparse
 import contextlib
 import dataclasses
 import fcntl
+import functools
 import hashlib
 import json
 import os
@@ -469,17 +470,10 @@ def sft_batches(corpus: RenderedCorpus | Callable[[int], RenderedCorpus], tokens
         epoch += 1
 
 
-def expert_agreement(params, config, rendered: RenderedCorpus, tokens_per_batch: int = 8192,
-                     widths: Sequence[int] | None = None, pad_id: int = 0,
-                     labels: Mapping[str, Sequence[str]] | None = None) -> dict:
-    """How well a model imitates the expert on the expert's own states, over every row of `rendered`:
-    "agreement" is the % of turns whose whole reply greedy decoding reproduces (each reply token the argmax
-    given the expert's tokens before it, which is what greedy decoding then emits), "reply_nll" the replies'
-    mean token NLL. Teacher-forced, so unlike success rate it needs no environment, moves long before the
-    model wins games, and has little variance on a few thousand turns.
-
-    "by_task_type" breaks the agreement down per task type ({type: {"agreement", "turns"}}); `labels` adds one
-    such breakdown per entry, "by_<name>", from one label per row (for example the expert action's verb)."""
+@functools.lru_cache(maxsize=8)
+def _agreement_scorer(config):
+    """One jitted scorer per model config, kept across calls: a training run measures the agreement at every
+    evaluation, and a fresh closure would be traced and compiled again each time."""
     import jax
     import jax.numpy as jnp
 
@@ -492,6 +486,21 @@ def expert_agreement(params, config, rendered: RenderedCorpus, tokens_per_batch:
         hit = (jnp.argmax(logits, -1) == targets) | (mask == 0)
         return jnp.all(hit, -1), jnp.sum(-logp * mask)
 
+    return score
+
+
+def expert_agreement(params, config, rendered: RenderedCorpus, tokens_per_batch: int = 8192,
+                     widths: Sequence[int] | None = None, pad_id: int = 0,
+                     labels: Mapping[str, Sequence[str]] | None = None) -> dict:
+    """How well a model imitates the expert on the expert's own states, over every row of `rendered`:
+    "agreement" is the % of turns whose whole reply greedy decoding reproduces (each reply token the argmax
+    given the expert's tokens before it, which is what greedy decoding then emits), "reply_nll" the replies'
+    mean token NLL. Teacher-forced, so unlike success rate it needs no environment, moves long before the
+    model wins games, and has little variance on a few thousand turns.
+
+    "by_task_type" breaks the agreement down per task type ({type: {"agreement", "turns"}}); `labels` adds one
+    such breakdown per entry, "by_<name>", from one label per row (for example the expert action's verb)."""
+    score = _agreement_scorer(config)
     hits = np.zeros(len(rendered), bool)
     nll, tokens = 0.0, 0.0
     for width, rows in epoch_plan(rendered, tokens_per_batch, seed=0, epoch=0, widths=widths):

@@ -18,10 +18,22 @@ def alfworld_data_available() -> bool:
         return False
 
 
+def random_checkpoint(config: Qwen3Config, tokenizer, out, seed: int) -> str:
+    """A Hugging Face checkpoint directory of `config` at a seeded random init, with `tokenizer` (made once)."""
+    import jax
+
+    from gopd_jax.models import save_hf_checkpoint
+
+    if not (out / "config.json").is_file():
+        save_hf_checkpoint(init_params(config, jax.random.PRNGKey(seed)), config, out)
+        tokenizer.save_pretrained(out)
+    return str(out)
+
+
 def tiny_checkpoints(root, moe_teacher: bool) -> tuple[str, str]:
     """(student, teacher) Hugging Face checkpoint directories of tiny random Qwen3 models sharing a small BPE
     tokenizer trained on one ALFWorld prompt; the teacher is a 4-expert Qwen3-MoE when `moe_teacher`."""
-    from experiments.mini_repro import _dense, random_checkpoint
+    from experiments.mini_repro import _dense
     from gopd_jax.envs.prompting import build_messages
     from gopd_jax.tokenizer import train_bpe_tokenizer
 

@@ -496,7 +496,8 @@ def tokenizer(tmp_path_factory):
 @pytest.fixture(scope="module")
 def smoke_config(shop, tokenizer, tmp_path_factory):
     """One tiny random student and one config for both the rollout and the runner test (shared compiles)."""
-    from experiments.mini_repro import _dense, random_checkpoint
+    from experiments.mini_repro import _dense
+    from tests.policies import random_checkpoint
     from gopd_jax.experiment import ExperimentConfig
 
     root = tmp_path_factory.mktemp("webshop_run")

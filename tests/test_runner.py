@@ -9,12 +9,12 @@ import jax
 import numpy as np
 import pytest
 
-from experiments.mini_repro import _dense, random_checkpoint
+from experiments.mini_repro import _dense
 from gopd_jax.experiment import ExperimentConfig
 from gopd_jax.models import load_hf_checkpoint
 from gopd_jax.runner import run_experiment
 from gopd_jax.tokenizer import train_bpe_tokenizer
-from tests.policies import tiny_checkpoints
+from tests.policies import random_checkpoint, tiny_checkpoints
 
 pytest.importorskip("alfworld")
 

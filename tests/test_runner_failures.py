@@ -12,7 +12,7 @@ import jax
 import jax.numpy as jnp
 import pytest
 
-from experiments.mini_repro import _dense, random_checkpoint
+from experiments.mini_repro import _dense
 from gopd_jax.checkpointing import Checkpointer
 from gopd_jax.envs import TaskSpec
 from gopd_jax.evaluate import evaluate_checkpoint, summarize
@@ -23,7 +23,7 @@ from gopd_jax.records import EXPERT, STUDENT, TEACHER, EpisodeResult
 from gopd_jax.runner import run_experiment
 from gopd_jax.tokenizer import load_tokenizer
 from gopd_jax.train import init_train_state, make_optimizer
-from tests.policies import tiny_checkpoints
+from tests.policies import random_checkpoint, tiny_checkpoints
 
 pytest.importorskip("alfworld")
 
