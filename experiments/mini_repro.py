@@ -4,17 +4,17 @@ Pipeline (everything real: ALFWorld games, Qwen3 / Qwen3-MoE models, the library
 resumable after a kill:
   1. the offline expert corpus: every train game's walkthrough replayed once (gopd_jax.expert_corpus);
   2. a byte-level BPE tokenizer trained on rendered corpus turns (prompts + replies);
-  3. a small Qwen3-MoE teacher trained by SFT from the cached corpus (static-shape batches, no environment
+  3. small dense Qwen3 students, each warmed up by a short SFT on the teacher's corpus (its recipe, no
+     environment in the loop, no teacher needed), one checkpoint per size shared by every method and seed;
+  4. a small Qwen3-MoE teacher trained by SFT from the cached corpus (static-shape batches, no environment
      in the loop), its success rate measured against training tokens on a stratified draw of valid_unseen,
      and finally on all of valid_unseen;
-  4. small dense Qwen3 students, each warmed up by a short SFT on the teacher's corpus (its recipe, no
-     environment in the loop), one checkpoint per size shared by every method and seed;
   5. from that same init: vanilla OPD, Guided-OPD (cosine curriculum) and SFT, for several seeds;
   6. evaluation on valid_unseen (beta = 0, temperature 0.4) and a results table with the paper-style
      relative gains of Guided-OPD over OPD.
 
     python -m experiments.mini_repro                       # the full mini table (hours on 2 CPU cores)
-    python -m experiments.mini_repro --until teacher       # stages 1-3 only
+    python -m experiments.mini_repro --until teacher       # stages 1-4 only
     python -m experiments.mini_repro --preset quick        # minutes: the README's quickstart
 """
 
@@ -98,10 +98,13 @@ class MiniConfig:
     teacher_final_eval_games: int | None = None  # None: every valid_unseen game
     teacher_checkpoint_every: int = 100
     teacher_log_every: int = 10
-    student_hidden: tuple[int, ...] = (48, 96)
-    student_layers: int = 2
-    warmup_sft_steps: int = 16
-    warmup_eval_steps: tuple[int, ...] = ()  # the warm-up's own curve (as the teacher's): how fast a student learns
+    # Two dense students (0.25M / 0.52M parameters with 4 layers; the teacher has 1.21M). The pilot
+    # (results/mini_repro/student_pilot) had d96 at 36.6% expert agreement and 0/30 games after 600 steps: 1,000
+    # steps aim at students that win a few games, far below the teacher.
+    student_hidden: tuple[int, ...] = (64, 96)
+    student_layers: int = 4
+    warmup_sft_steps: int = 1000
+    warmup_eval_steps: tuple[int, ...] = (500,)  # the warm-up's own curve (as the teacher's): how fast a student learns
     distill_steps: int = 12
     batch_tasks: int = 4
     learning_rate: float = 2e-3
@@ -136,7 +139,7 @@ PRESETS = {
                         teacher_experts=4, teacher_steps=40, teacher_tokens_per_batch=4096,
                         teacher_eval_steps=(), teacher_eval_games=6, teacher_eval_turns=6,
                         teacher_final_eval_games=6, agreement_corpus_dir=None,
-                        teacher_checkpoint_every=20, student_hidden=(32,),
+                        teacher_checkpoint_every=20, student_hidden=(32,), student_layers=2, warmup_eval_steps=(),
                         warmup_sft_steps=2, distill_steps=3, batch_tasks=2, methods=("opd", "guided_opd"),
                         seeds=(0,), baselines=(), final_eval_splits=(), max_turns=4, max_new_tokens=12, eval_limit=4,
                         num_workers=2),
@@ -312,7 +315,7 @@ def collect_dagger(mini: MiniConfig, tokenizer, params, config: Qwen3Config, out
 
 
 def train_teacher(mini: MiniConfig, tokenizer, out: Path) -> str:
-    """Stage 3. SFT of a Qwen3-MoE teacher from the rendered corpus, then `dagger_rounds` DAgger rounds (each:
+    """Stage 4. SFT of a Qwen3-MoE teacher from the rendered corpus, then `dagger_rounds` DAgger rounds (each:
     collect labelled episodes of the current teacher, then `dagger_steps` more steps on the corpus plus every
     round so far, the rounds' rows repeated `dagger_repeat` times). Returns the final model directory."""
     final = out / "final_model"
@@ -334,7 +337,7 @@ def train_teacher(mini: MiniConfig, tokenizer, out: Path) -> str:
 
 
 def warm_up_student(mini: MiniConfig, tokenizer, out: Path, hidden: int) -> str:
-    """Stage 4. A dense student's warm-up: `warmup_sft_steps` of the teacher's SFT recipe on the same corpus,
+    """Stage 3. A dense student's warm-up: `warmup_sft_steps` of the teacher's SFT recipe on the same corpus,
     from a seeded init; its checkpoint is the start of every method and seed."""
     final = out / "final_model"
     if not (out / "final_eval.json").is_file():
@@ -464,7 +467,7 @@ def train_stage(cfg: ExperimentConfig) -> tuple[dict, str]:
     return run_experiment(cfg), str(Path(cfg.out_dir) / "final_model")
 
 
-STAGES = ("corpus", "tokenizer", "teacher", "all")
+STAGES = ("corpus", "tokenizer", "warmup", "teacher", "all")
 
 
 @contextlib.contextmanager
@@ -497,18 +500,20 @@ def run(mini: MiniConfig, until: str = "all") -> str:
     vocab = len(tokenizer)
     if until == "tokenizer":
         return ""
-    with stage(mini, "teacher", f"Qwen3-MoE teacher ({_teacher_config(mini, vocab).num_params() / 1e6:.2f}M params), "
-                                f"{mini.teacher_steps} SFT steps from the corpus + {mini.dagger_rounds} DAgger rounds of "
-                                f"{mini.dagger_steps}, in {root / 'teacher'}"):
-        teacher = train_teacher(mini, tokenizer, root / "teacher")
-    if until == "teacher":
-        return ""
     students = {}
     for hidden in mini.student_hidden:
         name = f"d{hidden}_warmup"
         with stage(mini, name, f"dense student d{hidden}, {mini.warmup_sft_steps} warm-up SFT steps on the corpus, "
                                f"in {root / name}"):
             students[hidden] = warm_up_student(mini, tokenizer, root / name, hidden)
+    if until == "warmup":
+        return ""
+    with stage(mini, "teacher", f"Qwen3-MoE teacher ({_teacher_config(mini, vocab).num_params() / 1e6:.2f}M params), "
+                                f"{mini.teacher_steps} SFT steps from the corpus + {mini.dagger_rounds} DAgger rounds of "
+                                f"{mini.dagger_steps}, in {root / 'teacher'}"):
+        teacher = train_teacher(mini, tokenizer, root / "teacher")
+    if until == "teacher":
+        return ""
     # Seed-major order: an interrupted table still compares every method on the same seeds.
     table = ""
     for seed in mini.seeds:

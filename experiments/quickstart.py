@@ -1,7 +1,7 @@
 """The README's main command: the mini-scale Guided-OPD pipeline end to end on CPU in minutes.
 
-Expert corpus (12 ALFWorld train walkthroughs) -> BPE tokenizer -> tiny Qwen3-MoE teacher by SFT from the
-corpus -> a tiny dense student warmed up by SFT -> vanilla OPD and Guided-OPD -> evaluation on a stratified
+Expert corpus (12 ALFWorld train walkthroughs) -> BPE tokenizer -> a tiny dense student warmed up by SFT from the
+corpus -> tiny Qwen3-MoE teacher by SFT from the corpus -> vanilla OPD and Guided-OPD -> evaluation on a stratified
 draw of valid_unseen games -> results table. One console line per stage; each stage's config and output are
 in files under the output directory. Everything is tiny, so the numbers show that the pipeline runs, not
 what the method does: that is `python -m experiments.mini_repro --preset full` (hours; resumable).
