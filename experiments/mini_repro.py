@@ -509,8 +509,8 @@ def run(mini: MiniConfig, until: str = "all") -> str:
     if until == "warmup":
         return ""
     with stage(mini, "teacher", f"Qwen3-MoE teacher ({_teacher_config(mini, vocab).num_params() / 1e6:.2f}M params), "
-                                f"{mini.teacher_steps} SFT steps from the corpus + {mini.dagger_rounds} DAgger rounds of "
-                                f"{mini.dagger_steps}, in {root / 'teacher'}"):
+                                f"{mini.teacher_steps} SFT steps from the corpus + {mini.dagger_rounds} DAgger rounds "
+                                f"of {mini.dagger_steps}, in {root / 'teacher'}"):
         teacher = train_teacher(mini, tokenizer, root / "teacher")
     if until == "teacher":
         return ""
@@ -598,7 +598,8 @@ def comparison_plot(mini: MiniConfig, root: Path) -> None:
             if not runs:
                 continue
             steps = range(min(len(r) for r in runs))
-            mean = lambda key: [statistics.fmean(r[i].get(key, float("nan")) for r in runs) for i in steps]  # noqa: E731
+            def mean(key, runs=runs, steps=steps):
+                return [statistics.fmean(r[i].get(key, float("nan")) for r in runs) for i in steps]
             ax[row, 0].plot(steps, mean("invalid_action_frac"), label=f"{method} (n={len(runs)})")
             ax[row, 1].plot(steps, mean("teacher_turn_frac"), label=method)
             late = [t for r in runs for t in r[-3:]]

@@ -29,7 +29,8 @@ def plain_reading(root: Path, mini) -> str:
                 else "not run")
 
     hidden = mini.student_hidden[0]
-    first = (f"Measured after a few steps: teacher {cell('teacher')}; student d{hidden} after warm-up {cell(f'd{hidden}_warmup')}, after OPD "
+    first = (f"Measured after a few steps: teacher {cell('teacher')}; student d{hidden} after warm-up "
+             f"{cell(f'd{hidden}_warmup')}, after OPD "
              f"{cell(f'd{hidden}_opd_s0')}, after Guided-OPD {cell(f'd{hidden}_guided_opd_s0')} - at this size the "
              "numbers only show that every stage runs, not what the method does.")
     second = ("For the real comparison run `./run experiments.mini_repro --preset full` (hours on CPU, resumable); "
