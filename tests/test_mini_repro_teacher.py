@@ -112,6 +112,12 @@ def test_teacher_curve_and_checkpoints_report_expert_agreement(mini, tmp_path):
     again = mini_repro.checkpoint_agreement(tmp_path)
     assert again["step"] == 4 and again["by_action"] == by_action
     assert {k: again[k] for k in totals} == pytest.approx({k: want[k] for k in totals}, rel=1e-4)
+    # A checkpoint exported for a pilot is the model the run saved at that step, with its tokenizer.
+    exported = mini_repro.export_teacher(tmp_path, 4, tmp_path / "exported")
+    leaves = jax.tree.leaves(load_hf_checkpoint(exported)[0])
+    for a, b in zip(_params(tmp_path / "teacher"), leaves, strict=True):
+        np.testing.assert_array_equal(a, b)
+    assert mini_repro.load_tokenizer(exported).get_vocab() == tokenizer.get_vocab()
 
 
 def test_student_warm_up_learns_from_the_corpus_and_is_evaluated_like_the_distilled_runs(mini, tmp_path, monkeypatch):
