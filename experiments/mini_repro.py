@@ -150,17 +150,16 @@ PRESETS = {
 
 
 def _base(mini: MiniConfig, **kw) -> ExperimentConfig:
-    """The runner settings shared by every stage (tiny models: no thinking, short replies, float32)."""
-    return ExperimentConfig(env=mini.env, think=False, k_history=mini.k_history,
-                            keep_first_observation=mini.keep_first_observation,
-                            earlier_actions=mini.earlier_actions, max_turns=mini.max_turns,
-                            expert=mini.teacher_expert,
-                            max_prompt_tokens=mini.max_prompt_tokens,
-                            max_new_tokens=mini.max_new_tokens, compute_dtype="float32",
-                            batch_tasks=mini.batch_tasks, learning_rate=mini.learning_rate, micro_batch_rows=8,
-                            estimator=mini.estimator,
-                            num_workers=mini.num_workers, eval_limit=mini.eval_limit, eval_every=0,
-                            checkpoint_every=10, progress=mini.progress, **kw)
+    """The runner settings shared by every stage (tiny models: no thinking, short replies, float32); `kw` adds
+    or overrides settings."""
+    shared = dict(env=mini.env, think=False, k_history=mini.k_history,
+                  keep_first_observation=mini.keep_first_observation, earlier_actions=mini.earlier_actions,
+                  max_turns=mini.max_turns, expert=mini.teacher_expert, max_prompt_tokens=mini.max_prompt_tokens,
+                  max_new_tokens=mini.max_new_tokens, compute_dtype="float32", batch_tasks=mini.batch_tasks,
+                  learning_rate=mini.learning_rate, micro_batch_rows=8, estimator=mini.estimator,
+                  num_workers=mini.num_workers, eval_limit=mini.eval_limit, eval_every=0, checkpoint_every=10,
+                  progress=mini.progress)
+    return ExperimentConfig(**(shared | kw))
 
 
 # Packed full train corpora shipped with the repository, per (environment, expert): a fresh machine replays nothing.

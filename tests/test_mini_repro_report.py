@@ -55,3 +55,26 @@ def test_set_overrides_a_presets_fields_and_names_the_known_ones():
     assert (mini.teacher_prompt_weight, mini.seeds, mini.out_dir) == (0.1, (3, 4), "runs/elsewhere")
     with pytest.raises(SystemExit, match="teacher_prompt_weight"):
         mini_repro.override(mini, ["teacher_prompt_wieght=0.1"])
+
+
+def test_final_evaluation_runs_every_game_of_each_split_once(tmp_path, monkeypatch):
+    """Each split is evaluated whole (no game limit) at the final turn limit, with the run's shared settings, and a
+    split already written is not evaluated again (the grid resumes)."""
+    mini = dataclasses.replace(mini_repro.PRESETS["full"], out_dir=str(tmp_path), progress=False)
+    calls = []
+
+    def evaluate(cfg, checkpoint):  # stands in for the environment episodes: this test is about the orchestration
+        calls.append((cfg, checkpoint))
+        return {"n": 1, "split": cfg.eval_split}
+
+    monkeypatch.setattr(mini_repro, "evaluate_checkpoint", evaluate)
+    run_dir = tmp_path / "d64_opd_s0"
+    run_dir.mkdir()
+    (run_dir / "full_eval_valid_seen.json").write_text("{}")
+    mini_repro.final_evaluation(mini, run_dir)
+    ((cfg, checkpoint),) = calls
+    assert checkpoint == str(run_dir / "final_model")
+    assert (cfg.eval_split, cfg.eval_limit, cfg.max_turns) == ("valid_unseen", 0, mini.final_eval_turns)
+    assert (cfg.estimator, cfg.k_history, cfg.expert) == (mini.estimator, mini.k_history, mini.teacher_expert)
+    assert json.loads((run_dir / "full_eval_valid_unseen.json").read_text()) == {"n": 1, "split": "valid_unseen"}
+    assert (run_dir / "full_eval_valid_seen.json").read_text() == "{}"
