@@ -39,7 +39,7 @@ from jax.sharding import Mesh
 
 from gopd_jax import losses, scoring, train
 from gopd_jax.models import Qwen3Config, init_params
-from gopd_jax.models.qwen3 import ATTENTION_BLOCK
+from gopd_jax.models.qwen3 import attention_block
 
 TEACHER_LAYOUTS = ("auto", "replicated", "tensor", "expert")
 STUDENT_UPDATES = ("auto", "pmap", "fsdp")
@@ -111,7 +111,7 @@ def _forward_transient_bytes(config: Qwen3Config, rows: int, tokens: int, dtype)
     block of float32 attention scores, plus the residual stream."""
     c = config
     ffn = 3 * rows * tokens * _ffn_width(c) * _bytes(dtype)
-    scores = rows * c.num_attention_heads * min(tokens, ATTENTION_BLOCK) * tokens * 4
+    scores = rows * c.num_attention_heads * min(tokens, attention_block(tokens)) * tokens * 4
     return ffn + scores + 4 * rows * tokens * c.hidden_size * _bytes(dtype)
 
 

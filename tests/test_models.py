@@ -137,7 +137,7 @@ def test_missing_files_and_bad_tensors_are_named(checkpoint, tmp_path):
 
 
 def test_blocked_causal_attention_equals_full_attention_with_gradients():
-    from gopd_jax.models.qwen3 import causal_attention
+    from gopd_jax.models.qwen3 import attention_block, causal_attention
 
     keys = jax.random.split(jax.random.key(4), 3)
     q = jax.random.normal(keys[0], (2, 37, 4, 8))
@@ -150,3 +150,7 @@ def test_blocked_causal_attention_equals_full_attention_with_gradients():
     g_blocked = jax.grad(lambda *a: jnp.sum(causal_attention(*a, block=8) ** 2), argnums=(0, 1, 2))(q, k, v)
     g_full = jax.grad(lambda *a: jnp.sum(full(*a) ** 2), argnums=(0, 1, 2))(q, k, v)
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-4), g_blocked, g_full)
+    # The default blocks: 128 query rows (a last partial block here), wider past 16 blocks.
+    q, k, v = (jnp.tile(x, (1, 8, 1, 1)) for x in (q, k, v))  # 296 tokens: blocks of 128, 128 and 40
+    np.testing.assert_allclose(causal_attention(q, k, v), full(q, k, v), atol=1e-5)
+    assert (attention_block(296), attention_block(2048), attention_block(10_240)) == (128, 128, 640)

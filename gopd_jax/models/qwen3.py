@@ -175,27 +175,32 @@ def _qkv(p, config: Qwen3Config, x, positions):
     return q, k, v
 
 
-ATTENTION_BLOCK = 512  # query rows per block in causal attention over long sequences
+ATTENTION_BLOCK = 128  # query rows per block of causal attention
+MAX_ATTENTION_BLOCKS = 16  # longer sequences get wider blocks: the blocks are unrolled per layer (compile time)
 
 
-def causal_attention(q, k, v, block: int = ATTENTION_BLOCK):
-    """Causal GQA attention (softmax in float32 inside `dot_product_attention`). Sequences longer than
-    `block` are processed one query block at a time under `jax.checkpoint`, so neither the forward nor the
-    backward pass holds the [B, H, T, T] scores (a 10k-token prompt would need tens of GB)."""
-    b, t, h, d = q.shape
-    if t <= block:
-        return jax.nn.dot_product_attention(q, k, v, is_causal=True)
-    n = -(-t // block)
-    blocks = jnp.pad(q, ((0, 0), (0, n * block - t), (0, 0), (0, 0))).reshape(b, n, block, h, d)
+def attention_block(t: int) -> int:
+    """Query rows per block of `causal_attention` for a length-`t` sequence."""
+    return max(ATTENTION_BLOCK, -(-t // MAX_ATTENTION_BLOCKS))
 
-    @jax.checkpoint
-    def one(args):
-        i, qb = args
-        mask = (i * block + jnp.arange(block))[:, None] >= jnp.arange(t)[None, :]
-        return jax.nn.dot_product_attention(qb, k, v, mask=mask[None, None])
 
-    out = jax.lax.map(one, (jnp.arange(n), jnp.moveaxis(blocks, 1, 0)))
-    return jnp.moveaxis(out, 0, 1).reshape(b, n * block, h, d)[:, :t]
+def causal_attention(q, k, v, block: int | None = None):
+    """Causal GQA attention (softmax in float32 inside `dot_product_attention`), one block of query rows at a
+    time against only the keys it can see: the masked upper triangle is never computed, about half the work
+    (experiments/bench_attention.py). Each block runs under `jax.checkpoint`, so neither the forward nor the
+    backward pass holds more than one block's [B, H, block, T] scores (a 10k-token prompt's whole [B, H, T, T]
+    would need tens of GB)."""
+    t = q.shape[1]
+    block = block or attention_block(t)
+    out = [_attend_block(q[:, s:s + block], k[:, :s + block], v[:, :s + block], s) for s in range(0, t, block)]
+    return out[0] if len(out) == 1 else jnp.concatenate(out, axis=1)
+
+
+@functools.partial(jax.checkpoint, static_argnums=(3,))
+def _attend_block(q, k, v, start: int):
+    """Query rows start.. of a sequence against its keys 0..start + rows (the last of them causally masked)."""
+    mask = (start + jnp.arange(q.shape[1]))[:, None] >= jnp.arange(k.shape[1])[None, :]
+    return jax.nn.dot_product_attention(q, k, v, mask=mask[None, None])
 
 
 ATTENTION_IMPLS = ("auto", "xla", "fused")
