@@ -489,7 +489,11 @@ def stage(mini: MiniConfig, name: str, what: str):
     print(f"[mini_repro] {name:<20} {time.perf_counter() - t0:5.0f} s  {what}  (log: {log})", flush=True)
 
 
-def run(mini: MiniConfig, until: str = "all") -> str:
+def run(mini: MiniConfig, until: str = "all", only: str | None = None) -> str:
+    """The pipeline up to and including stage `until`; with `only` ("warmup" or "teacher") just that stage after
+    the corpus and tokenizer it needs, e.g. the warm-ups and the teacher in two processes."""
+    if only not in (None, "warmup", "teacher"):
+        raise ValueError(f"only must be 'warmup' or 'teacher', got {only!r}")
     root = Path(mini.out_dir)
     with stage(mini, "corpus", f"expert corpus in {mini.corpus_dir}"):
         build_expert_corpus(mini)
@@ -504,18 +508,18 @@ def run(mini: MiniConfig, until: str = "all") -> str:
     if until == "tokenizer":
         return ""
     students = {}
-    for hidden in mini.student_hidden:
+    for hidden in mini.student_hidden if only != "teacher" else ():
         name = f"d{hidden}_warmup"
         with stage(mini, name, f"dense student d{hidden}, {mini.warmup_sft_steps} warm-up SFT steps on the corpus, "
                                f"in {root / name}"):
             students[hidden] = warm_up_student(mini, tokenizer, root / name, hidden)
-    if until == "warmup":
+    if until == "warmup" or only == "warmup":
         return ""
     with stage(mini, "teacher", f"Qwen3-MoE teacher ({_teacher_config(mini, vocab).num_params() / 1e6:.2f}M params), "
                                 f"{mini.teacher_steps} SFT steps from the corpus + {mini.dagger_rounds} DAgger rounds "
                                 f"of {mini.dagger_steps}, in {root / 'teacher'}"):
         teacher = train_teacher(mini, tokenizer, root / "teacher")
-    if until == "teacher":
+    if until == "teacher" or only == "teacher":
         return ""
     # Seed-major order: an interrupted table still compares every method on the same seeds.
     table = ""
@@ -747,6 +751,9 @@ def main(argv=None):
     ap.add_argument("--out-dir", default=None)
     ap.add_argument("--no-progress", action="store_true")
     ap.add_argument("--until", choices=STAGES, default="all", help="stop after this stage")
+    ap.add_argument("--only", choices=("warmup", "teacher"), default=None,
+                    help="run just this stage (after the corpus and tokenizer): the students' warm-ups and the "
+                         "teacher need only those, so they can run in two processes")
     ap.add_argument("--report-only", action="store_true", help="rebuild results.md from the finished runs")
     ap.add_argument("--agreement", nargs="?", type=int, const=0, default=None, metavar="STEP",
                     help="print (and log to teacher/agreement.jsonl) the expert agreement of the out-dir's teacher "
@@ -759,7 +766,7 @@ def main(argv=None):
     if args.agreement is not None:
         print(json.dumps(checkpoint_agreement(Path(mini.out_dir), args.agreement or None)))
     else:
-        report(mini) if args.report_only else run(mini, args.until)
+        report(mini) if args.report_only else run(mini, args.until, args.only)
 
 
 if __name__ == "__main__":
