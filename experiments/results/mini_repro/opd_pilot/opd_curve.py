@@ -15,6 +15,7 @@ def main():
     ap.add_argument("out", type=Path)
     ap.add_argument("--method", default="opd")
     ap.add_argument("--steps", type=int, default=60)
+    ap.add_argument("--eval-every", type=int, default=0, help="evaluate on the 30-game draw every N steps (0: at the end)")
     ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a full-preset setting")
     args = ap.parse_args()
     mini = dataclasses.replace(mr.override(mr.PRESETS["full"], args.set), progress=False)
@@ -23,7 +24,7 @@ def main():
         mr.export_teacher(args.run_root, args.teacher_step, teacher)
     name = f"{args.method}_s0"
     mr.train_stage(mr._base(mini, name=name, out_dir=str(args.out / name), method=args.method, student=args.student,
-                            teacher=str(teacher), steps=args.steps, seed=0))
+                            teacher=str(teacher), steps=args.steps, seed=0, eval_every=args.eval_every))
 
 
 if __name__ == "__main__":  # env workers are spawned: they re-import this script
