@@ -525,20 +525,25 @@ def run(mini: MiniConfig, until: str = "all", only: str | None = None) -> str:
         teacher = train_teacher(mini, tokenizer, root / "teacher")
     if until == "teacher" or only == "teacher":
         return ""
-    # Seed-major order: an interrupted table still compares every method on the same seeds.
     table = ""
-    for seed in mini.seeds:
-        for hidden, warm in students.items():
-            for method in mini.methods + (mini.baselines if seed in mini.baseline_seeds else ()):
-                name = f"d{hidden}_{method}_s{seed}"
-                with stage(mini, name, f"{method}, {mini.distill_steps} steps, in {root / name}"):
-                    train_stage(_base(mini, name=name, out_dir=str(root / name), method=method, student=warm,
-                                      teacher=teacher, steps=mini.distill_steps, seed=seed,
-                                      beta=mini.fixed_beta if method == "fixed_beta" else 0.0))
-                final_evaluation(mini, root / name)
+    for seed, hidden, method in grid_order(mini):
+        name = f"d{hidden}_{method}_s{seed}"
+        with stage(mini, name, f"{method}, {mini.distill_steps} steps, in {root / name}"):
+            train_stage(_base(mini, name=name, out_dir=str(root / name), method=method, student=students[hidden],
+                              teacher=teacher, steps=mini.distill_steps, seed=seed,
+                              beta=mini.fixed_beta if method == "fixed_beta" else 0.0))
+        final_evaluation(mini, root / name)
         with stage(mini, "report", f"results table in {root / 'results.md'}"):
             table = report(mini)
     return table
+
+
+def grid_order(mini: MiniConfig) -> list[tuple[int, int, str]]:
+    """(seed, student hidden size, method) of every distillation run, in the order they run: the compared methods
+    seed by seed (an interrupted grid still compares them on the same seeds, with the most seeds soonest), then
+    the baselines, which run on fewer seeds."""
+    return ([(s, h, m) for s in mini.seeds for h in mini.student_hidden for m in mini.methods]
+            + [(s, h, m) for s in mini.baseline_seeds for h in mini.student_hidden for m in mini.baselines])
 
 
 def final_evaluation(mini: MiniConfig, run_dir: Path) -> None:

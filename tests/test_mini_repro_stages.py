@@ -38,3 +38,12 @@ def test_only_names_a_single_stage(calls, tmp_path):
     with pytest.raises(ValueError, match="only must be 'warmup' or 'teacher'"):
         mini_repro.run(_mini(tmp_path), only="grid")
     assert calls == []
+
+
+def test_grid_runs_the_compared_methods_on_every_seed_before_the_baselines():
+    mini = dataclasses.replace(mini_repro.PRESETS["full"], student_hidden=(64, 96), seeds=(0, 1),
+                               baselines=("sft", "fixed_beta"), baseline_seeds=(0,))
+    assert mini_repro.grid_order(mini) == [
+        (0, 64, "opd"), (0, 64, "guided_opd"), (0, 96, "opd"), (0, 96, "guided_opd"),
+        (1, 64, "opd"), (1, 64, "guided_opd"), (1, 96, "opd"), (1, 96, "guided_opd"),
+        (0, 64, "sft"), (0, 64, "fixed_beta"), (0, 96, "sft"), (0, 96, "fixed_beta")]
