@@ -605,7 +605,7 @@ def comparison_plot(mini: MiniConfig, root: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(len(mini.student_hidden), 3, figsize=(14, 4 * len(mini.student_hidden)), squeeze=False)
+    fig, ax = plt.subplots(len(mini.student_hidden), 4, figsize=(18, 4 * len(mini.student_hidden)), squeeze=False)
     for row, hidden in enumerate(mini.student_hidden):
         for method in (*mini.methods, *mini.baselines):
             runs = [read_jsonl(root / f"d{hidden}_{method}_s{s}" / "metrics.jsonl") for s in mini.seeds
@@ -616,15 +616,17 @@ def comparison_plot(mini: MiniConfig, root: Path) -> None:
             steps = range(min(len(r) for r in runs))
             def mean(key, runs=runs, steps=steps):
                 return [statistics.fmean(r[i].get(key, float("nan")) for r in runs) for i in steps]
-            ax[row, 0].plot(steps, mean("invalid_action_frac"), label=f"{method} (n={len(runs)})")
-            ax[row, 1].plot(steps, mean("teacher_turn_frac"), label=method)
+            ax[row, 0].plot(steps, [100 * x for x in mean("train_success")], label=f"{method} (n={len(runs)})")
+            ax[row, 1].plot(steps, mean("invalid_action_frac"), label=method)
+            ax[row, 2].plot(steps, mean("teacher_turn_frac"), label=method)
             late = [t for r in runs for t in r[-3:]]
             kl = [statistics.fmean(v) if (v := [x["kl_by_turn"][i] for x in late if x["kl_by_turn"][i] is not None])
                   else float("nan") for i in range(len(late[0]["kl_by_turn"]))]
-            ax[row, 2].plot(range(1, len(kl) + 1), kl, label=method)
-        ax[row, 0].set(title=f"d{hidden}: invalid-action fraction in training rollouts", xlabel="step")
-        ax[row, 1].set(title=f"d{hidden}: teacher-owned turn fraction", xlabel="step")
-        ax[row, 2].set(title=f"d{hidden}: sampled KL to teacher by turn (last 3 steps)", xlabel="turn",
+            ax[row, 3].plot(range(1, len(kl) + 1), kl, label=method)
+        ax[row, 0].set(title=f"d{hidden}: training success (%)", xlabel="step")
+        ax[row, 1].set(title=f"d{hidden}: invalid-action fraction in training rollouts", xlabel="step")
+        ax[row, 2].set(title=f"d{hidden}: teacher-owned turn fraction", xlabel="step")
+        ax[row, 3].set(title=f"d{hidden}: sampled KL to teacher by turn (last 3 steps)", xlabel="turn",
                        ylabel="nats/token")
         for a in ax[row]:
             a.legend()

@@ -38,7 +38,13 @@ def test_results_table_reports_intervals_and_the_paired_difference(tmp_path):
         won[name] = (rng.random(40) < p).astype(float)
         if name != "d48_opd_s2":  # seed 2 of OPD unfinished: seed 2 leaves the comparison
             _write_eval(tmp_path / name, "valid_unseen", won[name])
+        if "_s" in name:  # a distillation run's training log: the curves of comparison.png
+            records = [{"step": i, "train_success": p, "invalid_action_frac": 0.1, "teacher_turn_frac": 0.5 / (i + 1),
+                        "kl_by_turn": [0.5, None, 0.3]} for i in range(4)]
+            (tmp_path / name).mkdir(exist_ok=True)
+            (tmp_path / name / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
     table = mini_repro.report(mini)
+    assert (tmp_path / "comparison.png").stat().st_size > 0
 
     g = 100 * np.stack([won[f"d48_guided_opd_s{s}"] for s in (0, 1)])
     o = 100 * np.stack([won[f"d48_opd_s{s}"] for s in (0, 1)])
