@@ -1,4 +1,5 @@
-"""The pilot's starting student on the evaluation a distillation run ends with (seed 0's 30-game draw, 15 turns).
+"""A starting student on the evaluation a distillation run ends with (seed 0's 30-game draw at the preset's
+`max_turns`: 15 when the pilots ran, 30 from commit d6a7744).
 
     PYTHONPATH=. .venv/bin/python experiments/results/mini_repro/opd_pilot/eval_start.py STUDENT OUT
 """

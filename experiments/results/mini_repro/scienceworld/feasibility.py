@@ -6,8 +6,8 @@ gold-path episodes replayed through the real environment (`gopd_jax.expert_corpu
         runs/mini_repro/tokenizer [QWEN3_TOKENIZER_DIR] \
         > experiments/results/mini_repro/scienceworld/feasibility.md
 
-Prompts are rendered exactly as the mini preset renders ALFWorld's (`build_messages` + `render_chat`, k_history 4,
-first observation and earlier actions kept) but without a token cap, so the numbers show what a cap would cut.
+Prompts are rendered exactly as the mini preset renders ALFWorld's (`build_messages` + `render_chat`, the full
+preset's prompt memory) but without a token cap, so the numbers show what a cap would cut.
 """
 
 import statistics
@@ -16,14 +16,18 @@ from collections import defaultdict
 
 import numpy as np
 
+from experiments.bench_step import qwen3_tokenizer
+from experiments.mini_repro import PRESETS
 from gopd_jax import expert_corpus as ec
 from gopd_jax.envs import list_tasks
 from gopd_jax.envs.prompting import build_messages, fit_prompt
-from experiments.bench_step import qwen3_tokenizer
 from gopd_jax.tokenizer import load_tokenizer, render_chat
 
-
-CAPS = (992, 4096)  # the mini preset's cap; a 4x larger one
+MINI = PRESETS["full"]
+# The mini preset's prompt memory, as the ALFWorld teacher and students see it.
+PROMPT = dict(k_history=MINI.k_history, think=False, keep_first=MINI.keep_first_observation,
+              earlier_actions=MINI.earlier_actions)
+CAPS = (MINI.max_prompt_tokens, 4096)  # the mini preset's cap; a ~4x larger one
 CAP_SAMPLE_EVERY = 10
 
 
@@ -34,14 +38,14 @@ def _q(values, q):
 def gold_shown(tok, turn, max_tokens: int) -> bool:
     """Whether the gold action is still on the admissible-action list of the prompt capped at max_tokens."""
     ids = fit_prompt(lambda msgs: render_chat(tok, msgs, enable_thinking=False), turn.goal, list(turn.history),
-                     turn.observation, turn.admissible_actions, "scienceworld", max_tokens, k_history=4, think=False,
-                     keep_first=True, earlier_actions=True)
+                     turn.observation, turn.admissible_actions, "scienceworld", max_tokens, **PROMPT)
     listed = tok.decode(ids).split("Admissible actions:\n", 1)[-1].split("\n")
     return turn.action in listed
 
 
 def main(corpus_dir, mini_tokenizer_dir, qwen_dir=None):
     records = ec.load_corpus(corpus_dir)
+    all_turns = list(ec.iter_turns(records))
     tokenizers = {"mini BPE (ALFWorld-trained)": load_tokenizer(mini_tokenizer_dir),
                   "Qwen3": qwen3_tokenizer(qwen_dir)}
     by_task = defaultdict(list)
@@ -60,18 +64,17 @@ def main(corpus_dir, mini_tokenizer_dir, qwen_dir=None):
           f"max {max(actions)}")
     for name, tok in tokenizers.items():
         prompt_tokens, obs_tokens = [], []
-        for turn in ec.iter_turns(records):
+        for turn in all_turns:
             msgs = build_messages(turn.goal, list(turn.history), turn.observation, turn.admissible_actions,
-                                  "scienceworld", think=False, k_history=4, keep_first=True,
-                                  earlier_actions=True)
+                                  "scienceworld", **PROMPT)
             prompt_tokens.append(len(render_chat(tok, msgs, enable_thinking=False)))
             obs_tokens.append(len(tok.encode(turn.observation)))
         print(f"- {name}: observation tokens median {statistics.median(obs_tokens):.0f}, p90 "
               f"{_q(obs_tokens, 90):.0f}; full prompt (admissible actions included) median "
               f"{statistics.median(prompt_tokens):.0f}, p90 {_q(prompt_tokens, 90):.0f}, max {max(prompt_tokens)}; "
-              f"{100 * statistics.fmean(p > 992 for p in prompt_tokens):.0f}% of prompts over the mini preset's "
-              f"992-token cap")
-        sample = list(ec.iter_turns(records))[::CAP_SAMPLE_EVERY]
+              f"{100 * statistics.fmean(p > CAPS[0] for p in prompt_tokens):.0f}% of prompts over the mini preset's "
+              f"{CAPS[0]}-token cap")
+        sample = all_turns[::CAP_SAMPLE_EVERY]
         for cap in CAPS:
             shown = statistics.fmean(gold_shown(tok, t, cap) for t in sample)
             print(f"  - prompt capped at {cap} tokens (`fit_prompt`): the gold action is on the shown "
