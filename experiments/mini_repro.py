@@ -26,6 +26,7 @@ import dataclasses
 import fcntl
 import functools
 import json
+import shutil
 import statistics
 import time
 from collections.abc import Sequence
@@ -600,6 +601,26 @@ def report(mini: MiniConfig) -> str:
     return table
 
 
+def export_results(mini: MiniConfig, dest: Path) -> str:
+    """Copy the files `report` reads (no weights) from the out-dir into `dest`, a directory that can be committed,
+    and rebuild the table there from those copies alone: the committed table is reproducible from its files."""
+    root, dest = Path(mini.out_dir), Path(dest)
+    shutil.copytree(root / "tokenizer", dest / "tokenizer", dirs_exist_ok=True)
+    trained = ["teacher", *(f"d{h}_warmup" for h in mini.student_hidden)]
+    runs = [f"d{h}_{m}_s{s}" for s, h, m in grid_order(mini)]
+    for name in trained + runs:
+        if not _final_evals(mini, root, name):
+            continue  # unfinished
+        files = [*(root / name).glob("full_eval_*.json"), root / name / "config.json"]
+        if name in runs:  # the training curves of the comparison plot and the late KL column
+            files += [root / name / f for f in ("eval.jsonl", "final_eval.json", "metrics.jsonl")]
+        (dest / name).mkdir(parents=True, exist_ok=True)
+        for f in files:
+            if f.is_file():
+                shutil.copy2(f, dest / name / f.name)
+    return report(dataclasses.replace(mini, out_dir=str(dest)))
+
+
 def comparison_plot(mini: MiniConfig, root: Path) -> None:
     """OPD vs Guided-OPD per student size, averaged over finished seeds: training curves and KL by turn."""
     import matplotlib
@@ -768,6 +789,9 @@ def main(argv=None):
                     help="run just this stage (after the corpus and tokenizer): the students' warm-ups and the "
                          "teacher need only those, so they can run in two processes")
     ap.add_argument("--report-only", action="store_true", help="rebuild results.md from the finished runs")
+    ap.add_argument("--export", default=None, metavar="DIR",
+                    help="copy the finished runs' result files (no weights) into DIR and rebuild results.md and "
+                         "comparison.png there from those copies alone")
     ap.add_argument("--agreement", nargs="?", type=int, const=0, default=None, metavar="STEP",
                     help="print (and log to teacher/agreement.jsonl) the expert agreement of the out-dir's teacher "
                          "checkpoint at STEP (default: the latest)")
@@ -778,6 +802,8 @@ def main(argv=None):
     mini = dataclasses.replace(mini, out_dir=args.out_dir or mini.out_dir, progress=not args.no_progress)
     if args.agreement is not None:
         print(json.dumps(checkpoint_agreement(Path(mini.out_dir), args.agreement or None)))
+    elif args.export:
+        export_results(mini, Path(args.export))
     else:
         report(mini) if args.report_only else run(mini, args.until, args.only)
 

@@ -27,24 +27,26 @@ def _write_eval(run_dir, split, won):
 
 
 def test_results_table_reports_intervals_and_the_paired_difference(tmp_path):
-    mini = dataclasses.replace(mini_repro.PRESETS["full"], out_dir=str(tmp_path), student_hidden=(48,),
+    root = tmp_path / "runs"
+    mini = dataclasses.replace(mini_repro.PRESETS["full"], out_dir=str(root), student_hidden=(48,),
                                seeds=(0, 1, 2), baselines=("sft",), baseline_seeds=(0,),
                                final_eval_splits=("valid_unseen",))
-    alfworld_tokenizer(tmp_path / "tokenizer")
+    alfworld_tokenizer(root / "tokenizer")
     rng = np.random.default_rng(0)
     won = {}
     for name, p in [("teacher", 0.6), ("d48_warmup", 0.1), ("d48_sft_s0", 0.2)] + \
             [(f"d48_{m}_s{s}", p) for s in (0, 1, 2) for m, p in (("opd", 0.2), ("guided_opd", 0.3))]:
         won[name] = (rng.random(40) < p).astype(float)
         if name != "d48_opd_s2":  # seed 2 of OPD unfinished: seed 2 leaves the comparison
-            _write_eval(tmp_path / name, "valid_unseen", won[name])
+            _write_eval(root / name, "valid_unseen", won[name])
         if "_s" in name:  # a distillation run's training log: the curves of comparison.png
             records = [{"step": i, "train_success": p, "invalid_action_frac": 0.1, "teacher_turn_frac": 0.5 / (i + 1),
                         "kl_by_turn": [0.5, None, 0.3]} for i in range(4)]
-            (tmp_path / name).mkdir(exist_ok=True)
-            (tmp_path / name / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+            (root / name / "final_model").mkdir(parents=True, exist_ok=True)
+            (root / name / "final_model" / "model.safetensors").write_bytes(b"weights")
+            (root / name / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
     table = mini_repro.report(mini)
-    assert (tmp_path / "comparison.png").stat().st_size > 0
+    assert (root / "comparison.png").stat().st_size > 0
 
     g = 100 * np.stack([won[f"d48_guided_opd_s{s}"] for s in (0, 1)])
     o = 100 * np.stack([won[f"d48_opd_s{s}"] for s in (0, 1)])
@@ -52,7 +54,13 @@ def test_results_table_reports_intervals_and_the_paired_difference(tmp_path):
     assert str(intervals.bootstrap(g)) in table and str(intervals.bootstrap(o)) in table
     assert "| guided_opd (2) |" in table and "| opd (2) |" in table and "| sft (1) |" in table
     assert str(intervals.bootstrap(100 * won["teacher"][None])) in table
-    assert (tmp_path / "results.md").read_text() == table
+    assert (root / "results.md").read_text() == table
+
+    # The committable copy (no weights, no unfinished run) rebuilds the same table and plot from its own files.
+    committed = tmp_path / "committed"
+    assert mini_repro.export_results(mini, committed) == table
+    assert (committed / "results.md").read_text() == table and (committed / "comparison.png").is_file()
+    assert not list(committed.rglob("*.safetensors")) and not (committed / "d48_opd_s2").exists()
 
 
 def test_set_overrides_a_presets_fields_and_names_the_known_ones():
