@@ -640,14 +640,14 @@ def comparison_plot(mini: MiniConfig, root: Path) -> None:
             def mean(key, runs=runs, steps=steps):
                 return [statistics.fmean(r[i].get(key, float("nan")) for r in runs) for i in steps]
             ax[row, 0].plot(steps, [100 * x for x in mean("train_success")], label=f"{method} (n={len(runs)})")
-            ax[row, 1].plot(steps, mean("invalid_action_frac"), label=method)
+            ax[row, 1].plot(steps, [100 * x for x in mean("student_valid_action_frac")], label=method)
             ax[row, 2].plot(steps, mean("teacher_turn_frac"), label=method)
             late = [t for r in runs for t in r[-3:]]
             kl = [statistics.fmean(v) if (v := [x["kl_by_turn"][i] for x in late if x["kl_by_turn"][i] is not None])
                   else float("nan") for i in range(len(late[0]["kl_by_turn"]))]
             ax[row, 3].plot(range(1, len(kl) + 1), kl, label=method)
         ax[row, 0].set(title=f"d{hidden}: training success (%)", xlabel="step")
-        ax[row, 1].set(title=f"d{hidden}: invalid-action fraction in training rollouts", xlabel="step")
+        ax[row, 1].set(title=f"d{hidden}: student's actions that were offered (%), training", xlabel="step")
         ax[row, 2].set(title=f"d{hidden}: teacher-owned turn fraction", xlabel="step")
         ax[row, 3].set(title=f"d{hidden}: sampled KL to teacher by turn (last 3 steps)", xlabel="turn",
                        ylabel="nats/token")

@@ -22,6 +22,7 @@ from gopd_jax import device_plan as dp
 from gopd_jax import train
 from gopd_jax.checkpointing import Checkpointer
 from gopd_jax.envs import EnvPool, list_tasks
+from gopd_jax.envs.prompting import is_admissible
 from gopd_jax.evaluate import eval_tasks, evaluate_policy
 from gopd_jax.experiment import ExperimentConfig, check_resume, save_config
 from gopd_jax.methods import Method, make_method
@@ -37,6 +38,10 @@ def _rollout_record(episodes, trained) -> dict:
     """What the rollout did, for the step's training record."""
     results = [e.result for e in episodes]
     turns = [t for e in episodes for t in e.turns]
+    # The student's own turns whose action the environment offered: where a drift into unfamiliar states shows
+    # first (a malformed reply, invalid_action_frac, is rare once the reply format is learnt).
+    student = [t.action is not None and (not s.admissible_actions or is_admissible(t.action, s.admissible_actions))
+               for e in episodes for s, t in zip(e.states(), e.turns) if t.owner == STUDENT and s is not None]
     return {
         "teacher_turn_frac": float(np.mean([t.owner == TEACHER for t in turns])) if turns else 0.0,
         "trained_turns": len(trained),
@@ -45,6 +50,7 @@ def _rollout_record(episodes, trained) -> dict:
         "train_rounds": float(np.mean([r.rounds for r in results])),
         "truncated_frac": float(np.mean([r.truncated for r in results])),
         "invalid_action_frac": float(np.mean([t.action is None for t in turns])) if turns else 0.0,
+        "student_valid_action_frac": float(np.mean(student)) if student else float("nan"),
         "env_failures": sum(r.env_failed for r in results),
     }
 

@@ -40,7 +40,7 @@ def test_results_table_reports_intervals_and_the_paired_difference(tmp_path):
         if name != "d48_opd_s2":  # seed 2 of OPD unfinished: seed 2 leaves the comparison
             _write_eval(root / name, "valid_unseen", won[name])
         if "_s" in name:  # a distillation run's training log: the curves of comparison.png
-            records = [{"step": i, "train_success": p, "invalid_action_frac": 0.1, "teacher_turn_frac": 0.5 / (i + 1),
+            records = [{"step": i, "train_success": p, "student_valid_action_frac": 0.5, "teacher_turn_frac": 0.5 / (i + 1),
                         "kl_by_turn": [0.5, None, 0.3]} for i in range(4)]
             (root / name / "final_model").mkdir(parents=True, exist_ok=True)
             (root / name / "final_model" / "model.safetensors").write_bytes(b"weights")

@@ -141,3 +141,28 @@ def test_runner_with_an_expert_parallel_moe_teacher_and_an_fsdp_student(models, 
     trained, _ = load_hf_checkpoint(tmp_path / "sharded" / "final_model", dtype=np.float32)
     start, _ = load_hf_checkpoint(models[0], dtype=np.float32)
     assert not np.allclose(trained["embed"], start["embed"])
+
+
+def test_the_training_record_counts_the_students_offered_actions_against_the_state_it_played_from():
+    from gopd_jax.envs import StepResult, TaskSpec
+    from gopd_jax.records import STUDENT, TEACHER, Episode, EpisodeResult, Turn
+    from gopd_jax.runner import _rollout_record
+
+    def state(*offered):
+        return StepResult("obs", 0.0, 0.0, False, False, offered)
+
+    def turn(owner, action, result):
+        return Turn(owner, np.zeros(2, np.int32), np.zeros(1, np.int32), np.zeros(1, np.float32), action, result)
+
+    task = TaskSpec("alfworld", "train", "game", "pick_and_place_simple")
+    # Each action is judged against the actions offered where it was played, not those offered after it.
+    turns = [turn(STUDENT, "look", state("jump")),  # offered at the start: valid
+             turn(TEACHER, "jump", state("look")),  # a teacher turn: not the student's
+             turn(STUDENT, "jump", state("look")),  # offered "look" only: not valid
+             turn(STUDENT, None, state("look"))]  # malformed: not valid, and counted as invalid too
+    episode = Episode(0, task, "goal", turns, EpisodeResult(task, False, 0.0, 4), start=state("look"))
+    record = _rollout_record([episode], trained=turns)
+    assert record["student_valid_action_frac"] == pytest.approx(1 / 3)
+    assert record["invalid_action_frac"] == pytest.approx(1 / 4) and record["teacher_turn_frac"] == 0.25
+    teacher_only = Episode(0, task, "goal", turns[1:2], EpisodeResult(task, False, 0.0, 1), start=state("jump"))
+    assert np.isnan(_rollout_record([teacher_only], trained=[])["student_valid_action_frac"])
