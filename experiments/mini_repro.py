@@ -26,6 +26,7 @@ import dataclasses
 import fcntl
 import functools
 import json
+import math
 import shutil
 import statistics
 import time
@@ -637,8 +638,9 @@ def comparison_plot(mini: MiniConfig, root: Path) -> None:
             if not runs:
                 continue
             steps = range(min(len(r) for r in runs))
-            def mean(key, runs=runs, steps=steps):
-                return [statistics.fmean(r[i].get(key, float("nan")) for r in runs) for i in steps]
+            def mean(key, runs=runs, steps=steps):  # over the runs that logged it (NaN: no such turn that step)
+                return [statistics.fmean(v) if (v := [x for r in runs if math.isfinite(x := r[i].get(key, math.nan))])
+                        else math.nan for i in steps]
             ax[row, 0].plot(steps, [100 * x for x in mean("train_success")], label=f"{method} (n={len(runs)})")
             ax[row, 1].plot(steps, [100 * x for x in mean("student_valid_action_frac")], label=method)
             ax[row, 2].plot(steps, mean("teacher_turn_frac"), label=method)
