@@ -622,6 +622,9 @@ def export_results(mini: MiniConfig, dest: Path) -> str:
     return report(dataclasses.replace(mini, out_dir=str(dest)))
 
 
+SMOOTH = 5  # steps averaged in the training curves: a step plays only `batch_tasks` games
+
+
 def comparison_plot(mini: MiniConfig, root: Path) -> None:
     """OPD vs Guided-OPD per student size, averaged over finished seeds: training curves and KL by turn."""
     import matplotlib
@@ -638,23 +641,28 @@ def comparison_plot(mini: MiniConfig, root: Path) -> None:
             if not runs:
                 continue
             steps = range(min(len(r) for r in runs))
-            def mean(key, runs=runs, steps=steps):  # over the runs that logged it (NaN: no such turn that step)
-                return [statistics.fmean(v) if (v := [x for r in runs if math.isfinite(x := r[i].get(key, math.nan))])
-                        else math.nan for i in steps]
-            ax[row, 0].plot(steps, [100 * x for x in mean("train_success")], label=f"{method} (n={len(runs)})")
-            ax[row, 1].plot(steps, [100 * x for x in mean("student_valid_action_frac")], label=method)
+            def mean(key, window=1, runs=runs, steps=steps):
+                """Per step, the mean over runs and the last `window` steps of the values logged (NaN: that step
+                had no such turn; runs before 558d70b lack student_valid_action_frac)."""
+                return [statistics.fmean(v) if (v := [x for r in runs for j in range(max(0, i - window + 1), i + 1)
+                                                      if math.isfinite(x := r[j].get(key, math.nan))]) else math.nan
+                        for i in steps]
+            ax[row, 0].plot(steps, mean("train_success", SMOOTH), label=f"{method} (n={len(runs)})")
+            ax[row, 1].plot(steps, [100 * x for x in mean("student_valid_action_frac", SMOOTH)], label=method)
             ax[row, 2].plot(steps, mean("teacher_turn_frac"), label=method)
             late = [t for r in runs for t in r[-3:]]
             kl = [statistics.fmean(v) if (v := [x["kl_by_turn"][i] for x in late if x["kl_by_turn"][i] is not None])
                   else float("nan") for i in range(len(late[0]["kl_by_turn"]))]
             ax[row, 3].plot(range(1, len(kl) + 1), kl, label=method)
-        ax[row, 0].set(title=f"d{hidden}: training success (%)", xlabel="step")
-        ax[row, 1].set(title=f"d{hidden}: student's actions that were offered (%), training", xlabel="step")
+        ax[row, 0].set(title=f"d{hidden}: training success (%, {SMOOTH}-step mean)", xlabel="step")
+        ax[row, 1].set(title=f"d{hidden}: student's offered actions (%, training, {SMOOTH}-step mean)",
+                       xlabel="step")
         ax[row, 2].set(title=f"d{hidden}: teacher-owned turn fraction", xlabel="step")
         ax[row, 3].set(title=f"d{hidden}: sampled KL to teacher by turn (last 3 steps)", xlabel="turn",
                        ylabel="nats/token")
         for a in ax[row]:
-            a.legend()
+            if a.get_legend_handles_labels()[0]:
+                a.legend()
     fig.tight_layout()
     fig.savefig(root / "comparison.png", dpi=80)
     plt.close(fig)
@@ -722,10 +730,12 @@ def results_table(root: Path, rows, mini: MiniConfig) -> str:
             def rel(k):
                 a, b = statistics.fmean(e[k] for e in g), statistics.fmean(e[k] for e in o)
                 return f"{100 * (a / b - 1):+.1f}%" if b else "- (OPD at 0)"
+            valid = statistics.fmean(e["valid_action_rate"] for e in g) - statistics.fmean(
+                e["valid_action_rate"] for e in o)
             diffs.append([model, split or "eval draw", len(g), str(d), rel("score"), rel("success_rate"),
-                          rel("rounds")])
+                          rel("rounds"), f"{valid:+.1f}"])
     lines += [markdown_table(["student", "split", "seeds", "Success Rate difference [95% CI]", "Score (relative)",
-                              "Success Rate (relative)", "Rounds (relative)"], diffs)]
+                              "Success Rate (relative)", "Rounds (relative)", "valid actions (points)"], diffs)]
     return "\n".join(lines) + "\n"
 
 

@@ -19,7 +19,7 @@ def _write_eval(run_dir, split, won):
     by_type = {t: {"success_rate": 100 * float(np.mean([g["won"] for g in games if g["task_type"] == t]))}
                for t in TYPES}
     summary = {"n": len(won), "score": 100 * float(np.mean(won)), "success_rate": 100 * float(np.mean(won)),
-               "rounds": 10.0, "valid_action_rate": 50.0, "by_task_type": by_type,
+               "rounds": 10.0, "valid_action_rate": 40.0 + 20 * float(np.mean(won)), "by_task_type": by_type,
                # each file lists its games in its own order: the table must pair them by id
                "games": [games[i] for i in np.random.default_rng(len(run_dir.name)).permutation(len(games))]}
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -40,8 +40,8 @@ def test_results_table_reports_intervals_and_the_paired_difference(tmp_path):
         if name != "d48_opd_s2":  # seed 2 of OPD unfinished: seed 2 leaves the comparison
             _write_eval(root / name, "valid_unseen", won[name])
         if "_s" in name:  # a distillation run's training log: the curves of comparison.png
-            records = [{"step": i, "train_success": p, "student_valid_action_frac": 0.5, "teacher_turn_frac": 0.5 / (i + 1),
-                        "kl_by_turn": [0.5, None, 0.3]} for i in range(4)]
+            records = [{"step": i, "train_success": 100 * p, "student_valid_action_frac": 0.5,
+                        "teacher_turn_frac": 0.5 / (i + 1), "kl_by_turn": [0.5, None, 0.3]} for i in range(4)]
             (root / name / "final_model").mkdir(parents=True, exist_ok=True)
             (root / name / "final_model" / "model.safetensors").write_bytes(b"weights")
             (root / name / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
@@ -54,6 +54,8 @@ def test_results_table_reports_intervals_and_the_paired_difference(tmp_path):
     assert str(intervals.bootstrap(g)) in table and str(intervals.bootstrap(o)) in table
     assert "| guided_opd (2) |" in table and "| opd (2) |" in table and "| sft (1) |" in table
     assert str(intervals.bootstrap(100 * won["teacher"][None])) in table
+    valid = 20 * (g.mean(axis=1) - o.mean(axis=1)).mean() / 100  # valid_action_rate = 40 + 20 * success
+    assert f"| {valid:+.1f} |" in table
     assert (root / "results.md").read_text() == table
 
     # The committable copy (no weights, no unfinished run) rebuilds the same table and plot from its own files.
