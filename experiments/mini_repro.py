@@ -568,10 +568,12 @@ def final_evaluation(mini: MiniConfig, run_dir: Path) -> None:
 
 def _final_evals(mini: MiniConfig, root: Path, name: str, split: str | None = None) -> list[dict]:
     """A finished run's final evaluation on `split` (default: the first of `final_eval_splits`; without any,
-    the run's own final evaluation on its stratified draw); [] while it is missing."""
-    split = split or (mini.final_eval_splits[0] if mini.final_eval_splits else None)
-    path = root / name / (f"full_eval_{split}.json" if split else "final_eval.json")
-    return [json.loads(path.read_text())] if path.is_file() else []
+    the run's own final evaluation on its stratified draw); [] while it is missing. Without `split`, a run counts
+    as finished once every split is written (a report made while it is being evaluated leaves it out)."""
+    files = ([f"full_eval_{split}.json"] if split
+             else [f"full_eval_{s}.json" for s in mini.final_eval_splits] or ["final_eval.json"])
+    paths = [root / name / f for f in files]
+    return [json.loads(paths[0].read_text())] if all(p.is_file() for p in paths) else []
 
 
 def _late_kl(root: Path, name: str, last: int = 3) -> float | None:
