@@ -44,6 +44,9 @@ class Turn:
     action: str | None  # None: no parsable <action> tag (an invalid action)
     result: StepResult
     index: int = 0  # turn number within its episode (0-based)
+    # Set by the rollout: a parsable action that the state it was played from offered (any parsable action where
+    # that state lists no actions). Judged once here, since the state is gone once the turn's result replaces it.
+    valid: bool = False
 
 
 @dataclasses.dataclass

@@ -247,8 +247,8 @@ class RolloutRunner:
                     ep.invalid += 1
                     turn.result = invalid_step_result(ep.last, c.env)
                 else:
-                    ep.inadmissible += bool(ep.last.admissible_actions) and not is_admissible(action,
-                                                                                          ep.last.admissible_actions)
+                    turn.valid = not ep.last.admissible_actions or is_admissible(action, ep.last.admissible_actions)
+                    ep.inadmissible += not turn.valid
                     turn.result = results[slot]
                 ep.turns.append(turn)
                 ep.history.append((ep.last.observation, action if action is not None else INVALID_HISTORY_ACTION))

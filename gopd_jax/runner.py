@@ -22,7 +22,6 @@ from gopd_jax import device_plan as dp
 from gopd_jax import train
 from gopd_jax.checkpointing import Checkpointer
 from gopd_jax.envs import EnvPool, list_tasks
-from gopd_jax.envs.prompting import is_admissible
 from gopd_jax.evaluate import eval_tasks, evaluate_policy
 from gopd_jax.experiment import ExperimentConfig, check_resume, save_config
 from gopd_jax.methods import Method, make_method
@@ -40,8 +39,7 @@ def _rollout_record(episodes, trained) -> dict:
     turns = [t for e in episodes for t in e.turns]
     # The student's own turns whose action the environment offered: where a drift into unfamiliar states shows
     # first (a malformed reply, invalid_action_frac, is rare once the reply format is learnt).
-    student = [t.action is not None and (not s.admissible_actions or is_admissible(t.action, s.admissible_actions))
-               for e in episodes for s, t in zip(e.states(), e.turns) if t.owner == STUDENT and s is not None]
+    student = [t.valid for t in turns if t.owner == STUDENT]
     return {
         "teacher_turn_frac": float(np.mean([t.owner == TEACHER for t in turns])) if turns else 0.0,
         "trained_turns": len(trained),

@@ -55,6 +55,7 @@ def test_the_handcoded_expert_wins_games_through_the_rollout(pool, split):
                              progress=False)
     assert sum(e.result.won for e in episodes) >= 8
     assert all(e.result.inadmissible_actions == 0 and e.result.invalid_actions == 0 for e in episodes)
+    assert all(t.valid for e in episodes for t in e.turns)  # each turn judged against the state it was played from
     # It searches (it cannot see inside receptacles), so it needs more turns than the stored walkthroughs.
     walkthrough = [len(json.loads(Path(e.task.task_id).read_text())["walkthrough"]) for e in episodes]
     assert sum(e.result.rounds for e in episodes) > sum(walkthrough)

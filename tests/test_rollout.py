@@ -125,4 +125,5 @@ def test_inadmissible_action_is_counted_and_answered_by_the_env(tokenizer, pool,
     assert [t.action for t in ep.turns] == ["dance", "dance"]
     assert [t.result.observation for t in ep.turns] == ["Nothing happens.", "Nothing happens."]
     assert ep.result.invalid_actions == 0 and ep.result.inadmissible_actions == 2
+    assert [t.valid for t in ep.turns] == [False, False]
     assert summarize([ep.result])["valid_action_rate"] == 0.0

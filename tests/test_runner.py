@@ -143,26 +143,22 @@ def test_runner_with_an_expert_parallel_moe_teacher_and_an_fsdp_student(models, 
     assert not np.allclose(trained["embed"], start["embed"])
 
 
-def test_the_training_record_counts_the_students_offered_actions_against_the_state_it_played_from():
+def test_the_training_record_counts_the_students_valid_turns_only():
     from gopd_jax.envs import StepResult, TaskSpec
     from gopd_jax.records import STUDENT, TEACHER, Episode, EpisodeResult, Turn
     from gopd_jax.runner import _rollout_record
 
-    def state(*offered):
-        return StepResult("obs", 0.0, 0.0, False, False, offered)
-
-    def turn(owner, action, result):
-        return Turn(owner, np.zeros(2, np.int32), np.zeros(1, np.int32), np.zeros(1, np.float32), action, result)
+    def turn(owner, action, valid):
+        return Turn(owner, np.zeros(2, np.int32), np.zeros(1, np.int32), np.zeros(1, np.float32), action,
+                    StepResult("obs", 0.0, 0.0, False, False, ()), valid=valid)
 
     task = TaskSpec("alfworld", "train", "game", "pick_and_place_simple")
-    # Each action is judged against the actions offered where it was played, not those offered after it.
-    turns = [turn(STUDENT, "look", state("jump")),  # offered at the start: valid
-             turn(TEACHER, "jump", state("look")),  # a teacher turn: not the student's
-             turn(STUDENT, "jump", state("look")),  # offered "look" only: not valid
-             turn(STUDENT, None, state("look"))]  # malformed: not valid, and counted as invalid too
-    episode = Episode(0, task, "goal", turns, EpisodeResult(task, False, 0.0, 4), start=state("look"))
+    # The rollout judges each turn (tests/test_rollout.py); the record averages the student's verdicts only.
+    turns = [turn(STUDENT, "look", True), turn(TEACHER, "jump", False), turn(STUDENT, "jump", False),
+             turn(STUDENT, None, False)]  # malformed: not valid, and counted as invalid too
+    episode = Episode(0, task, "goal", turns, EpisodeResult(task, False, 0.0, 4))
     record = _rollout_record([episode], trained=turns)
     assert record["student_valid_action_frac"] == pytest.approx(1 / 3)
     assert record["invalid_action_frac"] == pytest.approx(1 / 4) and record["teacher_turn_frac"] == 0.25
-    teacher_only = Episode(0, task, "goal", turns[1:2], EpisodeResult(task, False, 0.0, 1), start=state("jump"))
+    teacher_only = Episode(0, task, "goal", turns[1:2], EpisodeResult(task, False, 0.0, 1))
     assert np.isnan(_rollout_record([teacher_only], trained=[])["student_valid_action_frac"])
