@@ -670,10 +670,11 @@ def comparison_plot(mini: MiniConfig, root: Path) -> None:
     plt.close(fig)
 
 
-def _ms(values, digits: int = 1):
+def _ms(values, digits: int = 1, sign: str = ""):
+    """Mean ± std (over seeds); sign "+" writes the mean's sign (differences)."""
     mean = statistics.fmean(values)
-    return (f"{mean:.{digits}f} ± {statistics.stdev(values):.{digits}f}" if len(values) > 1
-            else f"{mean:.{digits}f}")
+    return (f"{mean:{sign}.{digits}f} ± {statistics.stdev(values):.{digits}f}" if len(values) > 1
+            else f"{mean:{sign}.{digits}f}")
 
 
 def _outcomes(evals: list[dict], key: str) -> np.ndarray:
@@ -732,12 +733,13 @@ def results_table(root: Path, rows, mini: MiniConfig) -> str:
             def rel(k):
                 a, b = statistics.fmean(e[k] for e in g), statistics.fmean(e[k] for e in o)
                 return f"{100 * (a / b - 1):+.1f}%" if b else "- (OPD at 0)"
-            valid = statistics.fmean(e["valid_action_rate"] for e in g) - statistics.fmean(
-                e["valid_action_rate"] for e in o)
+            # Paired by seed (same seed, same games); the evaluations keep no per-game valid-action counts.
+            valid = [a["valid_action_rate"] - b["valid_action_rate"] for a, b in zip(g, o)]
             diffs.append([model, split or "eval draw", len(g), str(d), rel("score"), rel("success_rate"),
-                          rel("rounds"), f"{valid:+.1f}"])
+                          rel("rounds"), _ms(valid, sign="+")])
     lines += [markdown_table(["student", "split", "seeds", "Success Rate difference [95% CI]", "Score (relative)",
-                              "Success Rate (relative)", "Rounds (relative)", "valid actions (points)"], diffs)]
+                              "Success Rate (relative)", "Rounds (relative)",
+                              "valid actions (points, mean ± std over seeds)"], diffs)]
     return "\n".join(lines) + "\n"
 
 
