@@ -152,7 +152,8 @@ PRESETS = {
                         teacher_eval_steps=(), teacher_eval_games=6, teacher_eval_turns=6,
                         teacher_final_eval_games=6, agreement_corpus_dir=None,
                         teacher_checkpoint_every=20, student_hidden=(32,), student_layers=2, warmup_eval_steps=(),
-                        warmup_sft_steps=2, distill_steps=3, batch_tasks=2, methods=("opd", "guided_opd"),
+                        warmup_sft_steps=2, distill_steps=3, learning_rate=1e-3,  # 3 steps must move the demo
+                        batch_tasks=2, methods=("opd", "guided_opd"),
                         seeds=(0,), baselines=(), final_eval_splits=(), max_turns=4, max_new_tokens=12, eval_limit=4,
                         num_workers=2),
 }
