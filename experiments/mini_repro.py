@@ -177,6 +177,79 @@ SNAPSHOTS = {("alfworld", "walkthrough"): Path(__file__).parent / "data" / "alfw
              ("alfworld", "handcoded"): Path(__file__).parent / "data" / "alfworld_train_handcoded_corpus.tar.xz"}
 
 
+# The pipeline's starting point as shipped with the repository (tokenizer, both warm-ups, the teacher; see
+# pack_start): the machine a grid runs on may be wiped between sessions, and the teacher alone costs hours.
+START_SNAPSHOT = Path(__file__).parent / "data" / "mini_repro_start.tar.xz"
+# Settings only the distillation runs read: a start made under other values of these is the same start.
+GRID_ONLY_FIELDS = frozenset({"out_dir", "progress", "quiet", "num_workers", "corpus_workers", "corpus_min_games",
+                              "distill_steps", "batch_tasks", "learning_rate", "estimator", "methods", "seeds",
+                              "baselines", "baseline_seeds", "fixed_beta"})
+
+
+def start_settings(mini: MiniConfig) -> dict:
+    """The settings that make the start (as JSON values): what a shipped start must agree with to be used."""
+    return {k: v for k, v in json.loads(json.dumps(dataclasses.asdict(mini))).items() if k not in GRID_ONLY_FIELDS}
+
+
+def pack_start(mini: MiniConfig, archive: str | Path) -> Path:
+    """`out_dir`'s tokenizer, warm-ups and teacher with their run files as one .tar.xz. A finished stage goes
+    without its checkpoints and DAgger corpora; an unfinished one with its latest checkpoint and its DAgger
+    corpora, so the pipeline resumes it where it stopped."""
+    import io
+    import tarfile
+
+    root = Path(mini.out_dir)
+    names = ["tokenizer", *(f"d{h}_warmup" for h in mini.student_hidden), "teacher"]
+    missing = [n for n in names if not (root / n).is_dir()]
+    if missing:
+        raise ValueError(f"{root} has no {missing}: run `--until teacher` (or `--offline`) first")
+    keep = {}
+    for name in names:
+        steps = [int(p.name) for p in (root / name / "checkpoints").glob("*") if p.name.isdigit()]
+        keep[name] = None if (root / name / "final_eval.json").is_file() or not steps else str(max(steps))
+
+    def member(info):  # arcname: <stage>/<path inside it>
+        stage_name, *rest = Path(info.name).parts
+        if rest[:1] == ["checkpoints"] and len(rest) > 1 and rest[1] != keep[stage_name]:
+            return None
+        if rest[:1] == ["dagger"] and keep[stage_name] is None:
+            return None
+        return info
+
+    settings = json.dumps(start_settings(mini), indent=2).encode()
+    with tarfile.open(archive, "w:xz") as tar:
+        info = tarfile.TarInfo("start.json")
+        info.size = len(settings)
+        tar.addfile(info, io.BytesIO(settings))
+        for name in names[::-1]:  # the tokenizer last: unpack_start extracts it last, as the mark of a whole start
+            tar.add(root / name, arcname=name, filter=member)
+    return Path(archive)
+
+
+def unpack_start(mini: MiniConfig, archive: str | Path = START_SNAPSHOT) -> bool:
+    """Seeds an `out_dir` that has no tokenizer yet with a `pack_start` archive made under the same start
+    settings; True when it did. Settings that differ are named and nothing is unpacked."""
+    import tarfile
+
+    root = Path(mini.out_dir)
+    if not Path(archive).is_file() or (root / "tokenizer").exists():
+        return False
+    with tarfile.open(archive, "r:xz") as tar:
+        saved, ours = json.load(tar.extractfile("start.json")), start_settings(mini)
+        differ = sorted(k for k in saved.keys() | ours.keys() if saved.get(k) != ours.get(k))
+        if differ:
+            if not mini.quiet:  # a quiet run prints one line per stage
+                print(f"[mini_repro] the shipped start {archive} was made with other settings ({', '.join(differ)}): "
+                      "building the start here", flush=True)
+            return False
+        members = sorted((m for m in tar.getmembers() if m.name != "start.json"),
+                         key=lambda m: m.name.startswith("tokenizer"))
+        tar.extractall(root, members=members, filter="data")
+    print(f"[mini_repro] tokenizer, warm-ups and teacher unpacked from {archive} into {root} "
+          "(--from-scratch trains them instead)", flush=True)
+    return True
+
+
 def build_expert_corpus(mini: MiniConfig) -> Path:
     """Stage 1. The walkthrough corpus (tokenizer, SFT baseline; the teacher's too when `teacher_corpus_dir`
     is None)."""
@@ -327,15 +400,19 @@ def collect_dagger(mini: MiniConfig, tokenizer, params, config: Qwen3Config, out
                                   f"expert beta {mini.dagger_beta}")
 
 
-def train_teacher(mini: MiniConfig, tokenizer, out: Path) -> str:
+def train_teacher(mini: MiniConfig, tokenizer, out: Path, offline: bool = False) -> str | None:
     """Stage 4. SFT of a Qwen3-MoE teacher from the rendered corpus, then `dagger_rounds` DAgger rounds (each:
     collect labelled episodes of the current teacher, then `dagger_steps` more steps on the corpus plus every
-    round so far, the rounds' rows repeated `dagger_repeat` times). Returns the final model directory."""
+    round so far, the rounds' rows repeated `dagger_repeat` times). Returns the final model directory (None when
+    `offline` stopped before a DAgger round, see train_on_corpus)."""
     final = out / "final_model"
     if (out / "final_eval.json").is_file():
         return str(final)
-    train_on_corpus(mini, tokenizer, out, _teacher_config(mini, len(tokenizer)), steps=mini.teacher_steps,
-                    dagger_rounds=mini.dagger_rounds, eval_steps=mini.teacher_eval_steps)
+    if not train_on_corpus(mini, tokenizer, out, _teacher_config(mini, len(tokenizer)), steps=mini.teacher_steps,
+                           dagger_rounds=mini.dagger_rounds, eval_steps=mini.teacher_eval_steps, offline=offline):
+        return None
+    if offline:
+        return str(final)
     if mini.final_eval_splits:  # the same whole-split evaluations as every student's
         final_evaluation(mini, out)
         summary = json.loads((out / f"full_eval_{mini.final_eval_splits[0]}.json").read_text())
@@ -349,13 +426,17 @@ def train_teacher(mini: MiniConfig, tokenizer, out: Path) -> str:
     return str(final)
 
 
-def warm_up_student(mini: MiniConfig, tokenizer, out: Path, hidden: int) -> str:
+def warm_up_student(mini: MiniConfig, tokenizer, out: Path, hidden: int, offline: bool = False) -> str | None:
     """Stage 3. A dense student's warm-up: `warmup_sft_steps` of the teacher's SFT recipe on the same corpus,
-    from a seeded init; its checkpoint is the start of every method and seed."""
+    from a seeded init; its checkpoint is the start of every method and seed. `offline`: training only (see
+    train_on_corpus)."""
     final = out / "final_model"
     if not (out / "final_eval.json").is_file():
-        train_on_corpus(mini, tokenizer, out, _dense(len(tokenizer), hidden, mini.student_layers),
-                        steps=mini.warmup_sft_steps, dagger_rounds=0, eval_steps=mini.warmup_eval_steps)
+        trained = train_on_corpus(mini, tokenizer, out, _dense(len(tokenizer), hidden, mini.student_layers),
+                                  steps=mini.warmup_sft_steps, dagger_rounds=0, eval_steps=mini.warmup_eval_steps,
+                                  offline=offline)
+        if offline:
+            return trained
         # The evaluation every distilled student's run ends with (seed 0's draw), so start and end compare.
         summary = evaluate_checkpoint(_base(mini, name=out.name, out_dir=str(out), seed=0), str(final))
         (out / "final_eval.json").write_text(json.dumps(summary, indent=2))
@@ -364,11 +445,15 @@ def warm_up_student(mini: MiniConfig, tokenizer, out: Path, hidden: int) -> str:
 
 
 def train_on_corpus(mini: MiniConfig, tokenizer, out: Path, config: Qwen3Config, *, steps: int, dagger_rounds: int,
-                    eval_steps: Sequence[int]) -> str:
+                    eval_steps: Sequence[int], offline: bool = False) -> str | None:
     """`steps` SFT steps of `config` from the rendered corpus (prompt tokens at `teacher_prompt_weight`), then
     `dagger_rounds` DAgger rounds of `dagger_steps`; one learning-rate schedule over all steps. Checkpointed and
     resumable. Success rate against training tokens on a stratified valid_unseen draw at `eval_steps` (and at
-    the end of every phase when there are any), with the expert agreement. Returns the final model directory."""
+    the end of every phase when there are any), with the expert agreement. Returns the final model directory.
+
+    `offline`: no environment (an accelerator machine without ALFWorld): the evaluations are skipped (logged in
+    offline.jsonl) and training stops at the first DAgger round, which plays games; returns None when it stopped
+    there. The same call without `offline` resumes from that checkpoint."""
     final = out / "final_model"
     out.mkdir(parents=True, exist_ok=True)
     render = rollout_settings(mini)
@@ -409,8 +494,9 @@ def train_on_corpus(mini: MiniConfig, tokenizer, out: Path, config: Qwen3Config,
     curve = [c for c in curve if c["step"] <= start]
     update = jit_update_step(functools.partial(sft_loss_fn, config=config, prompt_weight=mini.teacher_prompt_weight),
                              optimizer)
-    eval_tasks = stratified_draw(list_tasks(mini.env, "valid_unseen"), mini.teacher_eval_games, seed=0)
+    eval_tasks = None  # drawn at the first evaluation: listing the games needs the environment's data
     widths = sft_widths(mini)
+    skipped = []
     # A resumed run drops what the killed one logged past its checkpoint.
     logged = [r for r in read_jsonl(out / "metrics.jsonl") if r["step"] <= start]
     (out / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in logged))
@@ -418,6 +504,10 @@ def train_on_corpus(mini: MiniConfig, tokenizer, out: Path, config: Qwen3Config,
     step = start
     while step < total:
         phase = max(p for p in range(len(bounds) - 1) if bounds[p] <= step)
+        if phase and offline:
+            print(f"[mini_repro] {out.name}: stopped at step {step}, before DAgger round {phase} (it plays games): "
+                  "resume without --offline where the environment runs", flush=True)
+            break
         if phase:  # params here are the phase's start: a checkpoint is always saved at a phase boundary
             collect_dagger(mini, tokenizer, state.params, config, dagger_dirs[phase - 1], phase, steps)
         t0, losses = time.perf_counter(), []
@@ -441,7 +531,11 @@ def train_on_corpus(mini: MiniConfig, tokenizer, out: Path, config: Qwen3Config,
                       f"(replies {reply_loss:.3f}) "
                       f"tokens {totals['train_tokens'] / 1e6:.2f}M ({rec['s_per_step']:.2f} s/step)", flush=True)
                 t0, losses = time.perf_counter(), []
-            if done in eval_steps or (done in bounds[1:] and eval_steps):
+            if (done in eval_steps or (done in bounds[1:] and eval_steps)) and offline:
+                skipped.append(done)
+            elif done in eval_steps or (done in bounds[1:] and eval_steps):
+                eval_tasks = eval_tasks or stratified_draw(list_tasks(mini.env, "valid_unseen"),
+                                                           mini.teacher_eval_games, seed=0)
                 summary = _eval_teacher(mini, tokenizer, state.params, config, eval_tasks, seed=done)
                 curve.append({"step": done, "phase": phase, "epoch": epoch,
                               "corpus_games": len(corpus_for(phase, epoch).games), **totals,
@@ -456,6 +550,12 @@ def train_on_corpus(mini: MiniConfig, tokenizer, out: Path, config: Qwen3Config,
                 ckpt.save(done, state, {"next_step": done, "totals": totals})
     log.close()
     ckpt.close()
+    if offline:  # where these steps ran, and the curve points they owe
+        with open(out / "offline.jsonl", "a") as f:
+            f.write(json.dumps({"steps": [start, step], "device": jax.devices()[0].device_kind,
+                                "jax": jax.__version__, "skipped_evaluations": skipped}) + "\n")
+    if step < total:
+        return None
     save_hf_checkpoint(jax.device_get(state.params), config, final)
     tokenizer.save_pretrained(final)
     return str(final)
@@ -499,19 +599,31 @@ def stage(mini: MiniConfig, name: str, what: str):
     print(f"[mini_repro] {name:<20} {time.perf_counter() - t0:5.0f} s  {what}  (log: {log})", flush=True)
 
 
-def run(mini: MiniConfig, until: str = "all", only: str | None = None) -> str:
+def run(mini: MiniConfig, until: str = "all", only: str | None = None, offline: bool = False,
+        from_scratch: bool = False) -> str:
     """The pipeline up to and including stage `until`; with `only` ("warmup" or "teacher") just that stage after
-    the corpus and tokenizer it needs, e.g. the warm-ups and the teacher in two processes."""
+    the corpus and tokenizer it needs, e.g. the warm-ups and the teacher in two processes. `offline`: only the
+    training that needs no environment (see train_on_corpus), from a corpus and tokenizer already built. A fresh
+    `out_dir` starts from the shipped START_SNAPSHOT when its settings agree, unless `from_scratch`."""
     if only not in (None, "warmup", "teacher"):
         raise ValueError(f"only must be 'warmup' or 'teacher', got {only!r}")
     root = Path(mini.out_dir)
-    with stage(mini, "corpus", f"expert corpus in {mini.corpus_dir}"):
-        build_expert_corpus(mini)
-    if mini.teacher_corpus_dir:
-        with stage(mini, "teacher_corpus", f"{mini.teacher_expert} expert corpus in {mini.teacher_corpus_dir}"):
-            build_teacher_corpus(mini)
+    if not offline:
+        with stage(mini, "corpus", f"expert corpus in {mini.corpus_dir}"):
+            build_expert_corpus(mini)
+        if mini.teacher_corpus_dir:
+            with stage(mini, "teacher_corpus", f"{mini.teacher_expert} expert corpus in {mini.teacher_corpus_dir}"):
+                build_teacher_corpus(mini)
     if until == "corpus":
         return ""
+    if not from_scratch:
+        unpack_start(mini)
+    if offline:
+        missing = [p for p in (Path(teacher_corpus_dir(mini)) / "meta.json", root / "tokenizer" / "tokenizer.json")
+                   if not p.is_file()]
+        if missing:
+            raise SystemExit(f"--offline trains from a corpus and tokenizer already on disk; missing {missing}: build "
+                             "them with --until tokenizer on a machine with the environment, and copy them here")
     with stage(mini, "tokenizer", f"BPE tokenizer ({mini.vocab_size} tokens) in {root / 'tokenizer'}"):
         tokenizer = build_tokenizer(mini, root / "tokenizer")
     vocab = len(tokenizer)
@@ -522,14 +634,14 @@ def run(mini: MiniConfig, until: str = "all", only: str | None = None) -> str:
         name = f"d{hidden}_warmup"
         with stage(mini, name, f"dense student d{hidden}, {mini.warmup_sft_steps} warm-up SFT steps on the corpus, "
                                f"in {root / name}"):
-            students[hidden] = warm_up_student(mini, tokenizer, root / name, hidden)
+            students[hidden] = warm_up_student(mini, tokenizer, root / name, hidden, offline)
     if until == "warmup" or only == "warmup":
         return ""
     with stage(mini, "teacher", f"Qwen3-MoE teacher ({_teacher_config(mini, vocab).num_params() / 1e6:.2f}M params), "
                                 f"{mini.teacher_steps} SFT steps from the corpus + {mini.dagger_rounds} DAgger rounds "
                                 f"of {mini.dagger_steps}, in {root / 'teacher'}"):
-        teacher = train_teacher(mini, tokenizer, root / "teacher")
-    if until == "teacher" or only == "teacher":
+        teacher = train_teacher(mini, tokenizer, root / "teacher", offline)
+    if until == "teacher" or only == "teacher" or offline:
         return ""
     table = ""
     for seed, hidden, method in grid_order(mini):
@@ -806,6 +918,16 @@ def main(argv=None):
     ap.add_argument("--only", choices=("warmup", "teacher"), default=None,
                     help="run just this stage (after the corpus and tokenizer): the students' warm-ups and the "
                          "teacher need only those, so they can run in two processes")
+    ap.add_argument("--offline", action="store_true",
+                    help="train the warm-ups and the teacher's SFT steps (up to its first DAgger round) from the "
+                         "corpus and tokenizer already in place, with no environment and no evaluation, e.g. on a "
+                         "GPU machine without ALFWorld; rerun without it where the environment runs to go on")
+    ap.add_argument("--from-scratch", action="store_true",
+                    help=f"train the tokenizer, warm-ups and teacher here even where {START_SNAPSHOT.name} (the "
+                         "shipped start) was made with the same settings")
+    ap.add_argument("--pack-start", nargs="?", const=str(START_SNAPSHOT), default=None, metavar="FILE",
+                    help="pack the out-dir's tokenizer, warm-ups and teacher (an unfinished one with its latest "
+                         f"checkpoint) into FILE (default: {START_SNAPSHOT}), the start a fresh out-dir unpacks")
     ap.add_argument("--report-only", action="store_true", help="rebuild results.md from the finished runs")
     ap.add_argument("--export", default=None, metavar="DIR",
                     help="copy the finished runs' result files (no weights) into DIR and rebuild results.md and "
@@ -818,12 +940,14 @@ def main(argv=None):
     args = ap.parse_args(argv)
     mini = override(PRESETS[args.preset], args.set)
     mini = dataclasses.replace(mini, out_dir=args.out_dir or mini.out_dir, progress=not args.no_progress)
-    if args.agreement is not None:
+    if args.pack_start:
+        print(pack_start(mini, args.pack_start))
+    elif args.agreement is not None:
         print(json.dumps(checkpoint_agreement(Path(mini.out_dir), args.agreement or None)))
     elif args.export:
         export_results(mini, Path(args.export))
     else:
-        report(mini) if args.report_only else run(mini, args.until, args.only)
+        report(mini) if args.report_only else run(mini, args.until, args.only, args.offline, args.from_scratch)
 
 
 if __name__ == "__main__":

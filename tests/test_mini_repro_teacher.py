@@ -60,15 +60,23 @@ def test_killed_teacher_resumes_to_the_same_weights(mini, tmp_path, monkeypatch)
     assert (tmp_path / "resumed" / "final_eval.json").is_file()
 
 
-def test_teacher_with_dagger_rounds_resumes_to_the_same_weights(mini, tmp_path, monkeypatch):
-    """SFT on the handcoded expert's corpus, then a DAgger round (the teacher plays, the expert labels): killed
-    inside the round's training and resumed = trained in one go; the round's episodes are labelled."""
-    mini = dataclasses.replace(mini, teacher_expert="handcoded", teacher_corpus_dir=str(tmp_path / "hc"),
+@pytest.fixture(scope="module")
+def dagger(mini, tmp_path_factory):
+    """SFT on the handcoded expert's corpus, then one DAgger round (the teacher plays, the expert labels), trained
+    straight through: (mini, tokenizer, the run's directory)."""
+    root = tmp_path_factory.mktemp("dagger")
+    mini = dataclasses.replace(mini, teacher_expert="handcoded", teacher_corpus_dir=str(root / "hc"),
                                dagger_rounds=1, dagger_games=1, dagger_steps=2, teacher_eval_turns=30)
     mini_repro.build_teacher_corpus(mini)
-    tokenizer = mini_repro.build_tokenizer(mini, tmp_path / "tokenizer")
-    mini_repro.train_teacher(mini, tokenizer, tmp_path / "straight")
+    tokenizer = mini_repro.build_tokenizer(mini, root / "tokenizer")
+    mini_repro.train_teacher(mini, tokenizer, root / "straight")
+    return mini, tokenizer, root / "straight"
 
+
+def test_teacher_with_dagger_rounds_resumes_to_the_same_weights(dagger, tmp_path, monkeypatch):
+    """Killed inside the DAgger round's training and resumed = trained in one go; the round's episodes are
+    labelled."""
+    mini, tokenizer, straight = dagger
     real = mini_repro.ec.sft_batches
 
     def killed_in_the_dagger_phase(*args, **kwargs):
@@ -83,12 +91,25 @@ def test_teacher_with_dagger_rounds_resumes_to_the_same_weights(mini, tmp_path, 
     monkeypatch.setattr(mini_repro.ec, "sft_batches", real)
     mini_repro.train_teacher(mini, tokenizer, tmp_path / "resumed")
 
-    for a, b in zip(_params(tmp_path / "straight"), _params(tmp_path / "resumed"), strict=True):
+    for a, b in zip(_params(straight), _params(tmp_path / "resumed"), strict=True):
         np.testing.assert_array_equal(a, b)
     assert [r["step"] for r in mini_repro.read_jsonl(tmp_path / "resumed" / "metrics.jsonl")] == [1, 2, 3, 4, 5, 6]
     (record,) = mini_repro.ec.load_corpus(tmp_path / "resumed" / "dagger" / "round-1")
     assert record["labelled"] and all(t["label"] in t["admissible_actions"] for t in record["turns"])
-    assert mini_repro.ec.load_corpus(tmp_path / "straight" / "dagger" / "round-1") == [record]
+    assert mini_repro.ec.load_corpus(straight / "dagger" / "round-1") == [record]
+
+
+def test_offline_teacher_stops_before_its_dagger_round_and_resumes_to_the_same_weights(dagger, tmp_path):
+    """--offline (a GPU machine without ALFWorld) trains the SFT steps and stops where the DAgger round would play
+    games; the same stage where the environment runs finishes it = trained in one go."""
+    mini, tokenizer, straight = dagger
+    assert mini_repro.train_teacher(mini, tokenizer, tmp_path / "t", offline=True) is None
+    assert not (tmp_path / "t" / "dagger").exists() and not (tmp_path / "t" / "final_model").exists()
+    (record,) = mini_repro.read_jsonl(tmp_path / "t" / "offline.jsonl")
+    assert record["steps"] == [0, 4] and record["skipped_evaluations"] == []
+    mini_repro.train_teacher(mini, tokenizer, tmp_path / "t")
+    for a, b in zip(_params(straight), _params(tmp_path / "t"), strict=True):
+        np.testing.assert_array_equal(a, b)
 
 
 def test_teacher_curve_and_checkpoints_report_expert_agreement(mini, tmp_path):
