@@ -103,3 +103,16 @@ def test_a_packed_start_seeds_a_fresh_out_dir_made_with_the_same_settings(tmp_pa
     other = dataclasses.replace(mini, out_dir=str(tmp_path / "other"), teacher_steps=100)
     assert not mini_repro.unpack_start(other, archive)  # another teacher recipe: trained, not unpacked
     assert not (tmp_path / "other").exists()
+
+
+def test_the_shipped_start_is_the_full_presets():
+    """A fresh `--preset full` run unpacks the shipped start only under the settings it was made with: a default
+    that changes what the start is (a teacher or warm-up setting) must come with a repacked start."""
+    import json
+    import tarfile
+
+    with tarfile.open(mini_repro.START_SNAPSHOT, "r:xz") as tar:
+        saved = json.load(tar.extractfile("start.json"))
+        names = {m.name.split("/")[0] for m in tar.getmembers()}
+    assert saved == mini_repro.start_settings(mini_repro.PRESETS["full"])
+    assert names == {"start.json", "tokenizer", "d64_warmup", "d96_warmup", "teacher"}
