@@ -531,9 +531,10 @@ def train_on_corpus(mini: MiniConfig, tokenizer, out: Path, config: Qwen3Config,
                       f"(replies {reply_loss:.3f}) "
                       f"tokens {totals['train_tokens'] / 1e6:.2f}M ({rec['s_per_step']:.2f} s/step)", flush=True)
                 t0, losses = time.perf_counter(), []
-            if (done in eval_steps or (done in bounds[1:] and eval_steps)) and offline:
+            due = done in eval_steps or (done in bounds[1:] and eval_steps)
+            if due and offline:
                 skipped.append(done)
-            elif done in eval_steps or (done in bounds[1:] and eval_steps):
+            elif due:
                 eval_tasks = eval_tasks or stratified_draw(list_tasks(mini.env, "valid_unseen"),
                                                            mini.teacher_eval_games, seed=0)
                 summary = _eval_teacher(mini, tokenizer, state.params, config, eval_tasks, seed=done)
