@@ -1,6 +1,8 @@
 """Which mini_repro stages a command runs: --until stops after a stage, --only runs one stage after the corpus and
 tokenizer it needs (the warm-ups and the teacher in two processes)."""
 import dataclasses
+import json
+import tarfile
 
 import pytest
 
@@ -108,9 +110,6 @@ def test_a_packed_start_seeds_a_fresh_out_dir_made_with_the_same_settings(tmp_pa
 def test_the_shipped_start_is_the_full_presets():
     """A fresh `--preset full` run unpacks the shipped start only under the settings it was made with: a default
     that changes what the start is (a teacher or warm-up setting) must come with a repacked start."""
-    import json
-    import tarfile
-
     with tarfile.open(mini_repro.START_SNAPSHOT, "r:xz") as tar:
         saved = json.load(tar.extractfile("start.json"))
         names = {m.name.split("/")[0] for m in tar.getmembers()}
