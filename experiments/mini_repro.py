@@ -100,13 +100,13 @@ class MiniConfig:
     teacher_final_eval_games: int | None = None  # None: every valid_unseen game
     teacher_checkpoint_every: int = 100
     teacher_log_every: int = 10
-    # Two dense students (0.25M / 0.52M parameters with 4 layers; the teacher has 1.21M). The pilot
-    # (results/mini_repro/student_pilot) had d96 at 36.6% expert agreement and 0/30 games after 600 steps: 1,000
-    # steps aim at students that win a few games, far below the teacher.
+    # Two dense students (0.25M / 0.52M parameters with 4 layers; the teacher has 1.21M). After 1,000 warm-up steps
+    # they won 0-1.5% of valid_unseen, and 50 distillation steps did not lift them off zero under either method
+    # (results/mini_repro/grid_start_v2): 3,000 steps aim at students that win some games, far below the teacher.
     student_hidden: tuple[int, ...] = (64, 96)
     student_layers: int = 4
-    warmup_sft_steps: int = 1000
-    warmup_eval_steps: tuple[int, ...] = (500,)  # the warm-up's own curve (as the teacher's): how fast a student learns
+    warmup_sft_steps: int = 3000
+    warmup_eval_steps: tuple[int, ...] = (1000, 2000)  # the warm-up's own curve, as the teacher's: how fast it learns
     # The OPD pilot's reverse KL (lr 1e-3, exact, 15-turn rollouts) flattened after ~35 updates; training success
     # stayed 0% at every step, so it cannot mark the plateau. 50 steps = 200 games a run (results/mini_repro/opd_pilot).
     distill_steps: int = 50
@@ -400,15 +400,41 @@ def collect_dagger(mini: MiniConfig, tokenizer, params, config: Qwen3Config, out
                                   f"expert beta {mini.dagger_beta}")
 
 
+# What a corpus-trained stage's weights depend on besides its architecture (the rendering, the SFT recipe, the
+# step counts): a stage on disk made under other values is refused rather than silently reused.
+SFT_FIELDS = ("teacher_expert", "vocab_size", "k_history", "keep_first_observation", "earlier_actions",
+              "max_prompt_tokens", "teacher_lr", "teacher_tokens_per_batch", "teacher_prompt_weight")
+WARMUP_FIELDS = (*SFT_FIELDS, "warmup_sft_steps")
+TEACHER_FIELDS = (*SFT_FIELDS, "teacher_steps", "dagger_rounds", "dagger_steps", "dagger_games", "dagger_beta",
+                  "dagger_repeat")
+
+
+def check_stage_settings(out: Path, mini: MiniConfig, config: Qwen3Config, fields: Sequence[str]) -> None:
+    """Raises when `out` holds a stage (its config.json) trained with another architecture or other `fields`."""
+    path = out / "config.json"
+    if not path.is_file():
+        return
+    saved = json.loads(path.read_text())
+    ours = json.loads(json.dumps({"model": dataclasses.asdict(config), **{k: getattr(mini, k) for k in fields}}))
+    theirs = {"model": saved["model"], **{k: saved["mini"].get(k) for k in fields}}
+    differ = [k for k in ours if ours[k] != theirs[k]]
+    if differ:
+        raise ValueError(f"{out} was trained with other settings: "
+                         + "; ".join(f"{k} {theirs[k]} there, {ours[k]} here" for k in differ)
+                         + f". Use another --out-dir, or delete {out} to train it again with these settings")
+
+
 def train_teacher(mini: MiniConfig, tokenizer, out: Path, offline: bool = False) -> str | None:
     """Stage 4. SFT of a Qwen3-MoE teacher from the rendered corpus, then `dagger_rounds` DAgger rounds (each:
     collect labelled episodes of the current teacher, then `dagger_steps` more steps on the corpus plus every
     round so far, the rounds' rows repeated `dagger_repeat` times). Returns the final model directory (None when
     `offline` stopped before a DAgger round, see train_on_corpus)."""
     final = out / "final_model"
+    config = _teacher_config(mini, len(tokenizer))
+    check_stage_settings(out, mini, config, TEACHER_FIELDS)
     if (out / "final_eval.json").is_file():
         return str(final)
-    if not train_on_corpus(mini, tokenizer, out, _teacher_config(mini, len(tokenizer)), steps=mini.teacher_steps,
+    if not train_on_corpus(mini, tokenizer, out, config, steps=mini.teacher_steps,
                            dagger_rounds=mini.dagger_rounds, eval_steps=mini.teacher_eval_steps, offline=offline):
         return None
     if offline:
@@ -431,10 +457,11 @@ def warm_up_student(mini: MiniConfig, tokenizer, out: Path, hidden: int, offline
     from a seeded init; its checkpoint is the start of every method and seed. `offline`: training only (see
     train_on_corpus)."""
     final = out / "final_model"
+    config = _dense(len(tokenizer), hidden, mini.student_layers)
+    check_stage_settings(out, mini, config, WARMUP_FIELDS)
     if not (out / "final_eval.json").is_file():
-        trained = train_on_corpus(mini, tokenizer, out, _dense(len(tokenizer), hidden, mini.student_layers),
-                                  steps=mini.warmup_sft_steps, dagger_rounds=0, eval_steps=mini.warmup_eval_steps,
-                                  offline=offline)
+        trained = train_on_corpus(mini, tokenizer, out, config, steps=mini.warmup_sft_steps, dagger_rounds=0,
+                                  eval_steps=mini.warmup_eval_steps, offline=offline)
         if offline:
             return trained
         # The evaluation every distilled student's run ends with (seed 0's draw), so start and end compare.

@@ -166,3 +166,7 @@ def test_student_warm_up_learns_from_the_corpus_and_is_evaluated_like_the_distil
     monkeypatch.setattr(mini_repro, "train_on_corpus", no_second_run)
     monkeypatch.setattr(mini_repro, "evaluate_checkpoint", no_second_run)
     assert mini_repro.warm_up_student(mini, tokenizer, tmp_path / "d16_warmup", hidden=16) == final
+    # A warm-up made with another step count is not reused as this preset's start.
+    with pytest.raises(ValueError, match=r"warmup_sft_steps 3 there, 4 here.*delete"):
+        mini_repro.warm_up_student(dataclasses.replace(mini, warmup_sft_steps=4), tokenizer, tmp_path / "d16_warmup",
+                                   hidden=16)
