@@ -528,6 +528,9 @@ def train_on_corpus(mini: MiniConfig, tokenizer, out: Path, config: Qwen3Config,
     logged = [r for r in read_jsonl(out / "metrics.jsonl") if r["step"] <= start]
     (out / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in logged))
     log = open(out / "metrics.jsonl", "a")
+    # Where the steps ran and the curve points they owe, rewritten with every checkpoint: a killed offline run keeps
+    # the record of exactly the steps its checkpoint holds.
+    offline_log = read_jsonl(out / "offline.jsonl")
     step = start
     while step < total:
         phase = max(p for p in range(len(bounds) - 1) if bounds[p] <= step)
@@ -576,12 +579,12 @@ def train_on_corpus(mini: MiniConfig, tokenizer, out: Path, config: Qwen3Config,
                 t0 = time.perf_counter()  # the step timing excludes evaluations
             if done % mini.teacher_checkpoint_every == 0 or done in bounds[1:]:
                 ckpt.save(done, state, {"next_step": done, "totals": totals})
+                if offline:
+                    ran = {"steps": [start, done], "device": jax.devices()[0].device_kind, "jax": jax.__version__,
+                           "skipped_evaluations": skipped}
+                    (out / "offline.jsonl").write_text("".join(json.dumps(r) + "\n" for r in [*offline_log, ran]))
     log.close()
     ckpt.close()
-    if offline:  # where these steps ran, and the curve points they owe
-        with open(out / "offline.jsonl", "a") as f:
-            f.write(json.dumps({"steps": [start, step], "device": jax.devices()[0].device_kind,
-                                "jax": jax.__version__, "skipped_evaluations": skipped}) + "\n")
     if step < total:
         return None
     save_hf_checkpoint(jax.device_get(state.params), config, final)
@@ -858,6 +861,14 @@ def results_table(root: Path, rows, mini: MiniConfig) -> str:
     if by_type:
         lines += [f"Success Rate (%) per task type ({splits[0] or 'eval draw'}):", "",
                   markdown_table(["model", "method", *types], by_type), ""]
+    windows = training_windows(root, rows)
+    if windows:
+        lines += [f"Training, in {WINDOW}-step windows ({WINDOW * mini.batch_tasks} games a seed; mean ± std over "
+                  "seeds): games won, the teacher's share of the turns, and the sampled KL to the teacher on the "
+                  "student's turns (mean over turn positions). Whether OPD's training success has flattened is read "
+                  "here:", "",
+                  markdown_table(["model", "method", "steps", "training games won %", "teacher-owned turns %",
+                                  "sampled KL (nats/token)"], windows), ""]
     lines += ["Guided-OPD minus OPD on the same seeds and games (percentage points, 95% paired bootstrap interval), "
               "and the relative change; the paper (DESIGN.md §3) reports +21.1% Score, +25.5% Success Rate, "
               "-6.0% Rounds on average:", ""]
@@ -883,6 +894,30 @@ def results_table(root: Path, rows, mini: MiniConfig) -> str:
                               "Success Rate (relative)", "Rounds (relative)",
                               "valid actions (points, mean ± std over seeds)"], diffs)]
     return "\n".join(lines) + "\n"
+
+
+WINDOW = 10  # steps per row of the training table
+
+
+def training_windows(root: Path, rows) -> list[list[str]]:
+    """Per distilled model and method (rows as in `results_table`; rows without a training log are left out), the
+    training log averaged over consecutive WINDOW-step windows, per seed, then mean ± std over seeds."""
+    def window_mean(records, key, scale=1.0):
+        values = [scale * v for r in records
+                  for v in (r.get(key, []) if key == "kl_by_turn" else [r.get(key)]) if v is not None]
+        return statistics.fmean(values) if values else None
+
+    table = []
+    for model, _, method, names in rows:
+        runs = [r for x in names if (r := read_jsonl(root / x / "metrics.jsonl"))]
+        steps = min((len(r) for r in runs), default=0)
+        for lo in range(0, steps, WINDOW):
+            cells = []
+            for key, scale, digits in (("train_success", 1, 1), ("teacher_turn_frac", 100, 0), ("kl_by_turn", 1, 3)):
+                means = [m for r in runs if (m := window_mean(r[lo:lo + WINDOW], key, scale)) is not None]
+                cells.append(_ms(means, digits) if means else "-")
+            table.append([model, method, f"{lo}-{min(lo + WINDOW, steps) - 1}", *cells])
+    return table
 
 
 def override(mini: MiniConfig, settings: Sequence[str]) -> MiniConfig:

@@ -60,6 +60,9 @@ def test_results_table_reports_intervals_and_the_paired_difference(tmp_path):
     valid = 20 * (g.mean(axis=1) - o.mean(axis=1)) / 100  # per seed; valid_action_rate = 40 + 20 * success
     assert f"| {valid.mean():+.1f} ± {valid.std(ddof=1):.1f} |" in table
     assert (root / "results.md").read_text() == table
+    # Training in step windows, per seed then over seeds: teacher turns = mean of 0.5 / (step + 1) over steps 0-3.
+    assert "| student d48 | guided_opd | 0-3 | 30.0 ± 0.0 | 26 ± 0 | 0.400 ± 0.000 |" in table
+    assert "| student d48 | opd | 0-3 | 20.0 ± 0.0 |" in table
 
     # The committable copy (no weights, no unfinished run) rebuilds the same table and plot from its own files.
     committed = tmp_path / "committed"

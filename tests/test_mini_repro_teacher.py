@@ -99,14 +99,30 @@ def test_teacher_with_dagger_rounds_resumes_to_the_same_weights(dagger, tmp_path
     assert mini_repro.ec.load_corpus(straight / "dagger" / "round-1") == [record]
 
 
-def test_offline_teacher_stops_before_its_dagger_round_and_resumes_to_the_same_weights(dagger, tmp_path):
+def test_offline_teacher_stops_before_its_dagger_round_and_resumes_to_the_same_weights(dagger, tmp_path,
+                                                                                      monkeypatch):
     """--offline (a GPU machine without ALFWorld) trains the SFT steps and stops where the DAgger round would play
-    games; the same stage where the environment runs finishes it = trained in one go."""
+    games, recording which steps ran there even when killed; the same stage where the environment runs finishes it
+    = trained in one go."""
     mini, tokenizer, straight = dagger
+    real = mini_repro.ec.sft_batches
+
+    def killed_at_step_3(*args, **kwargs):
+        for step, epoch, batch in real(*args, **kwargs):
+            if step == 3:
+                raise KeyboardInterrupt  # after the checkpoint of step 2
+            yield step, epoch, batch
+
+    monkeypatch.setattr(mini_repro.ec, "sft_batches", killed_at_step_3)
+    with pytest.raises(KeyboardInterrupt):
+        mini_repro.train_teacher(mini, tokenizer, tmp_path / "t", offline=True)
+    (record,) = mini_repro.read_jsonl(tmp_path / "t" / "offline.jsonl")
+    assert record["steps"] == [0, 2]  # what the checkpoint holds
+    monkeypatch.setattr(mini_repro.ec, "sft_batches", real)
     assert mini_repro.train_teacher(mini, tokenizer, tmp_path / "t", offline=True) is None
     assert not (tmp_path / "t" / "dagger").exists() and not (tmp_path / "t" / "final_model").exists()
-    (record,) = mini_repro.read_jsonl(tmp_path / "t" / "offline.jsonl")
-    assert record["steps"] == [0, 4] and record["skipped_evaluations"] == []
+    records = mini_repro.read_jsonl(tmp_path / "t" / "offline.jsonl")
+    assert [r["steps"] for r in records] == [[0, 2], [2, 4]] and records[1]["skipped_evaluations"] == []
     mini_repro.train_teacher(mini, tokenizer, tmp_path / "t")
     for a, b in zip(_params(straight), _params(tmp_path / "t"), strict=True):
         np.testing.assert_array_equal(a, b)
