@@ -30,6 +30,17 @@ def mini(tmp_path_factory):
     return mini
 
 
+def killed_at(real, step, phase=None):
+    """`real` (ec.sft_batches) killed (KeyboardInterrupt) before training the phase's local `step`; every phase's
+    when `phase` is None."""
+    def batches(*args, **kwargs):
+        for local, epoch, batch in real(*args, **kwargs):
+            if local == step and phase in (None, kwargs["seed"]):
+                raise KeyboardInterrupt
+            yield local, epoch, batch
+    return batches
+
+
 def _params(out):
     return jax.tree.leaves(load_hf_checkpoint(out / "final_model")[0])
 
@@ -40,13 +51,7 @@ def test_killed_teacher_resumes_to_the_same_weights(mini, tmp_path, monkeypatch)
 
     real = mini_repro.ec.sft_batches
 
-    def killed_at_step_3(*args, **kwargs):
-        for step, epoch, batch in real(*args, **kwargs):
-            if step == 3:
-                raise KeyboardInterrupt  # after the checkpoint of step 2
-            yield step, epoch, batch
-
-    monkeypatch.setattr(mini_repro.ec, "sft_batches", killed_at_step_3)
+    monkeypatch.setattr(mini_repro.ec, "sft_batches", killed_at(real, 3))  # after the checkpoint of step 2
     with pytest.raises(KeyboardInterrupt):
         mini_repro.train_teacher(mini, tokenizer, tmp_path / "resumed")
     assert not (tmp_path / "resumed" / "final_model").exists()
@@ -79,13 +84,8 @@ def test_teacher_with_dagger_rounds_resumes_to_the_same_weights(dagger, tmp_path
     mini, tokenizer, straight = dagger
     real = mini_repro.ec.sft_batches
 
-    def killed_in_the_dagger_phase(*args, **kwargs):
-        for step, epoch, batch in real(*args, **kwargs):
-            if kwargs["seed"] == 1 and step == 1:
-                raise KeyboardInterrupt  # global step 5: after the boundary checkpoint of step 4
-            yield step, epoch, batch
-
-    monkeypatch.setattr(mini_repro.ec, "sft_batches", killed_in_the_dagger_phase)
+    # global step 5: after the boundary checkpoint of step 4
+    monkeypatch.setattr(mini_repro.ec, "sft_batches", killed_at(real, 1, phase=1))
     with pytest.raises(KeyboardInterrupt):
         mini_repro.train_teacher(mini, tokenizer, tmp_path / "resumed")
     monkeypatch.setattr(mini_repro.ec, "sft_batches", real)
@@ -107,13 +107,7 @@ def test_offline_teacher_stops_before_its_dagger_round_and_resumes_to_the_same_w
     mini, tokenizer, straight = dagger
     real = mini_repro.ec.sft_batches
 
-    def killed_at_step_3(*args, **kwargs):
-        for step, epoch, batch in real(*args, **kwargs):
-            if step == 3:
-                raise KeyboardInterrupt  # after the checkpoint of step 2
-            yield step, epoch, batch
-
-    monkeypatch.setattr(mini_repro.ec, "sft_batches", killed_at_step_3)
+    monkeypatch.setattr(mini_repro.ec, "sft_batches", killed_at(real, 3))  # after the checkpoint of step 2
     with pytest.raises(KeyboardInterrupt):
         mini_repro.train_teacher(mini, tokenizer, tmp_path / "t", offline=True)
     (record,) = mini_repro.read_jsonl(tmp_path / "t" / "offline.jsonl")
