@@ -721,11 +721,17 @@ def _final_evals(mini: MiniConfig, root: Path, name: str, split: str | None = No
     return [json.loads(paths[0].read_text())] if all(p.is_file() for p in paths) else []
 
 
+def _logged_mean(records: list[dict], key: str) -> float | None:
+    """Mean of a training-log field over `records`; a per-turn list (kl_by_turn) counts each turn. None when no
+    record has a value (a turn position no episode reached is logged as None)."""
+    logged = [r.get(key) for r in records]
+    values = [v for x in logged for v in (x if isinstance(x, list) else [x]) if v is not None]
+    return statistics.fmean(values) if values else None
+
+
 def _late_kl(root: Path, name: str, last: int = 3) -> float | None:
     """Teacher-student sampled KL (nats/token, host-computed per turn) over the run's last steps."""
-    records = read_jsonl(root / name / "metrics.jsonl")[-last:]  # a cut-off last line is dropped there
-    values = [v for r in records for v in r.get("kl_by_turn", []) if v is not None]
-    return statistics.fmean(values) if values else None
+    return _logged_mean(read_jsonl(root / name / "metrics.jsonl")[-last:], "kl_by_turn")  # cut-off line dropped
 
 
 def report(mini: MiniConfig) -> str:
@@ -902,11 +908,6 @@ WINDOW = 10  # steps per row of the training table
 def training_windows(root: Path, rows) -> list[list[str]]:
     """Per distilled model and method (rows as in `results_table`; rows without a training log are left out), the
     training log averaged over consecutive WINDOW-step windows, per seed, then mean ± std over seeds."""
-    def window_mean(records, key, scale=1.0):
-        values = [scale * v for r in records
-                  for v in (r.get(key, []) if key == "kl_by_turn" else [r.get(key)]) if v is not None]
-        return statistics.fmean(values) if values else None
-
     table = []
     for model, _, method, names in rows:
         runs = [r for x in names if (r := read_jsonl(root / x / "metrics.jsonl"))]
@@ -914,7 +915,7 @@ def training_windows(root: Path, rows) -> list[list[str]]:
         for lo in range(0, steps, WINDOW):
             cells = []
             for key, scale, digits in (("train_success", 1, 1), ("teacher_turn_frac", 100, 0), ("kl_by_turn", 1, 3)):
-                means = [m for r in runs if (m := window_mean(r[lo:lo + WINDOW], key, scale)) is not None]
+                means = [scale * m for r in runs if (m := _logged_mean(r[lo:lo + WINDOW], key)) is not None]
                 cells.append(_ms(means, digits) if means else "-")
             table.append([model, method, f"{lo}-{min(lo + WINDOW, steps) - 1}", *cells])
     return table
