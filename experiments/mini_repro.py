@@ -128,6 +128,9 @@ class MiniConfig:
     # empty: the runs' own final evaluations on `eval_limit` stratified games.
     final_eval_splits: tuple[str, ...] = ("valid_unseen", "valid_seen")
     final_eval_turns: int = 30
+    # The paper's evaluation temperature. Another value writes its own files (full_eval_<split>_t<T>.json), so
+    # evaluations at two temperatures never mix and a start evaluated at 0.4 is still the same start.
+    final_eval_temperature: float = 0.4
     # Distillation rollouts, as the paper (30 on ALFWorld): the handcoded expert needs 18 turns on average (median 16),
     # so a 15-turn cap (the pilots') ends most games before even the expert could win them.
     max_turns: int = 30
@@ -180,10 +183,11 @@ SNAPSHOTS = {("alfworld", "walkthrough"): Path(__file__).parent / "data" / "alfw
 # The pipeline's starting point as shipped with the repository (tokenizer, both warm-ups, the teacher; see
 # pack_start): the machine a grid runs on may be wiped between sessions, and the teacher alone costs hours.
 START_SNAPSHOT = Path(__file__).parent / "data" / "mini_repro_start.tar.xz"
-# Settings only the distillation runs read: a start made under other values of these is the same start.
+# Settings only the distillation runs read (or whose results go to files of their own): a start made under other
+# values of these is the same start.
 GRID_ONLY_FIELDS = frozenset({"out_dir", "progress", "quiet", "num_workers", "corpus_workers", "corpus_min_games",
                               "distill_steps", "batch_tasks", "learning_rate", "estimator", "methods", "seeds",
-                              "baselines", "baseline_seeds", "fixed_beta"})
+                              "baselines", "baseline_seeds", "fixed_beta", "final_eval_temperature"})
 
 
 def start_settings(mini: MiniConfig) -> dict:
@@ -441,7 +445,7 @@ def train_teacher(mini: MiniConfig, tokenizer, out: Path, offline: bool = False)
         return str(final)
     if mini.final_eval_splits:  # the same whole-split evaluations as every student's
         final_evaluation(mini, out)
-        summary = json.loads((out / f"full_eval_{mini.final_eval_splits[0]}.json").read_text())
+        summary = json.loads((out / full_eval_name(mini, mini.final_eval_splits[0])).read_text())
     else:
         tasks = list_tasks(mini.env, "valid_unseen")
         if mini.teacher_final_eval_games is not None:
@@ -695,16 +699,24 @@ def grid_order(mini: MiniConfig) -> list[tuple[int, int, str]]:
             + [(s, h, m) for s in mini.baseline_seeds for h in mini.student_hidden for m in mini.baselines])
 
 
+def full_eval_name(mini: MiniConfig, split: str) -> str:
+    """The file of a whole-split evaluation: full_eval_<split>.json at the paper's temperature (0.4), else with
+    the temperature in the name."""
+    at = "" if mini.final_eval_temperature == 0.4 else f"_t{mini.final_eval_temperature:g}"
+    return f"full_eval_{split}{at}.json"
+
+
 def final_evaluation(mini: MiniConfig, run_dir: Path) -> None:
-    """A run's final model on every game of `final_eval_splits` at `final_eval_turns` turns, each split written
-    once (full_eval_<split>.json, per-game outcomes included)."""
+    """A run's final model on every game of `final_eval_splits` at `final_eval_turns` turns and
+    `final_eval_temperature`, each split written once (see full_eval_name; per-game outcomes included)."""
     for split in mini.final_eval_splits:
-        path = run_dir / f"full_eval_{split}.json"
+        path = run_dir / full_eval_name(mini, split)
         if path.is_file():
             continue
-        with stage(mini, f"{run_dir.name}_eval", f"{run_dir.name} on all of {split}"):
+        with stage(mini, f"{run_dir.name}_eval", f"{run_dir.name} on all of {split}"
+                                                 f" at temperature {mini.final_eval_temperature:g}"):
             cfg = _base(mini, name=run_dir.name, out_dir=str(run_dir), eval_split=split, eval_limit=0,
-                        max_turns=mini.final_eval_turns)
+                        max_turns=mini.final_eval_turns, eval_temperature=mini.final_eval_temperature)
             summary = evaluate_checkpoint(cfg, str(run_dir / "final_model"))
         tmp = path.with_suffix(".tmp")
         tmp.write_text(json.dumps(summary, indent=2))
@@ -715,8 +727,8 @@ def _final_evals(mini: MiniConfig, root: Path, name: str, split: str | None = No
     """A finished run's final evaluation on `split` (default: the first of `final_eval_splits`; without any,
     the run's own final evaluation on its stratified draw); [] while it is missing. Without `split`, a run counts
     as finished once every split is written (a report made while it is being evaluated leaves it out)."""
-    files = ([f"full_eval_{split}.json"] if split
-             else [f"full_eval_{s}.json" for s in mini.final_eval_splits] or ["final_eval.json"])
+    files = ([full_eval_name(mini, split)] if split
+             else [full_eval_name(mini, s) for s in mini.final_eval_splits] or ["final_eval.json"])
     paths = [root / name / f for f in files]
     return [json.loads(paths[0].read_text())] if all(p.is_file() for p in paths) else []
 
@@ -860,7 +872,7 @@ def results_table(root: Path, rows, mini: MiniConfig) -> str:
                for model, method, evals in by_type]
     lines = [f"# Mini-scale Guided-OPD reproduction ({mini.env})", "",
              f"Students: {mini.distill_steps} distillation steps x {mini.batch_tasks} tasks from one warm-up SFT init "
-             f"per size. Evaluation at beta 0, temperature 0.4, "
+             f"per size. Evaluation at beta 0, temperature {mini.final_eval_temperature:g}, "
              f"{mini.final_eval_turns if mini.final_eval_splits else mini.max_turns} turns. Success Rate: mean "
              "with a 95% bootstrap interval over games and seeds; other columns: mean ± std over seeds.", "",
              markdown_table(header, table), ""]

@@ -96,7 +96,18 @@ def test_final_evaluation_runs_every_game_of_each_split_once(tmp_path, monkeypat
     mini_repro.final_evaluation(mini, run_dir)
     ((cfg, checkpoint),) = calls
     assert checkpoint == str(run_dir / "final_model")
-    assert (cfg.eval_split, cfg.eval_limit, cfg.max_turns) == ("valid_unseen", 0, mini.final_eval_turns)
+    assert (cfg.eval_split, cfg.eval_limit, cfg.max_turns, cfg.eval_temperature) == ("valid_unseen", 0,
+                                                                                      mini.final_eval_turns, 0.4)
     assert (cfg.estimator, cfg.k_history, cfg.expert) == (mini.estimator, mini.k_history, mini.teacher_expert)
     assert json.loads((run_dir / "full_eval_valid_unseen.json").read_text()) == {"n": 1, "split": "valid_unseen"}
     assert (run_dir / "full_eval_valid_seen.json").read_text() == "{}"
+    assert mini_repro._final_evals(mini, tmp_path, run_dir.name) == [{"n": 1, "split": "valid_unseen"}]
+
+    # Another temperature: both splits again, into files of their own; the table at 0.4 reads only its own.
+    hot = dataclasses.replace(mini, final_eval_temperature=1.0)
+    calls.clear()
+    mini_repro.final_evaluation(hot, run_dir)
+    assert [(c.eval_split, c.eval_temperature) for c, _ in calls] == [("valid_unseen", 1.0), ("valid_seen", 1.0)]
+    assert json.loads((run_dir / "full_eval_valid_seen_t1.json").read_text()) == {"n": 1, "split": "valid_seen"}
+    assert mini_repro._final_evals(hot, tmp_path, run_dir.name, "valid_seen") == [{"n": 1, "split": "valid_seen"}]
+    assert mini_repro._final_evals(mini, tmp_path, run_dir.name, "valid_seen") == [{}]
