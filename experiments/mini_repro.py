@@ -437,6 +437,8 @@ def train_teacher(mini: MiniConfig, tokenizer, out: Path, offline: bool = False)
     config = _teacher_config(mini, len(tokenizer))
     check_stage_settings(out, mini, config, TEACHER_FIELDS)
     if (out / "final_eval.json").is_file():
+        if mini.final_eval_splits and not offline:  # those not written yet, e.g. at another temperature
+            final_evaluation(mini, out)
         return str(final)
     if not train_on_corpus(mini, tokenizer, out, config, steps=mini.teacher_steps,
                            dagger_rounds=mini.dagger_rounds, eval_steps=mini.teacher_eval_steps, offline=offline):

@@ -111,3 +111,18 @@ def test_final_evaluation_runs_every_game_of_each_split_once(tmp_path, monkeypat
     assert json.loads((run_dir / "full_eval_valid_seen_t1.json").read_text()) == {"n": 1, "split": "valid_seen"}
     assert mini_repro._final_evals(hot, tmp_path, run_dir.name, "valid_seen") == [{"n": 1, "split": "valid_seen"}]
     assert mini_repro._final_evals(mini, tmp_path, run_dir.name, "valid_seen") == [{}]
+
+
+def test_a_finished_teacher_gets_the_whole_split_evaluations_it_lacks(tmp_path, monkeypatch):
+    """Like a warm-up, a finished teacher is evaluated at a new final_eval_temperature (its missing files);
+    offline (no environment) it is not."""
+    mini = dataclasses.replace(mini_repro.PRESETS["full"], out_dir=str(tmp_path), final_eval_temperature=1.0)
+    calls = []
+    monkeypatch.setattr(mini_repro, "final_evaluation", lambda m, out: calls.append((m.final_eval_temperature, out)))
+    out = tmp_path / "teacher"
+    out.mkdir()
+    (out / "final_eval.json").write_text("{}")
+    vocab = range(mini.vocab_size)  # train_teacher reads only the tokenizer's length here
+    assert mini_repro.train_teacher(mini, vocab, out) == str(out / "final_model")
+    mini_repro.train_teacher(mini, vocab, out, offline=True)
+    assert calls == [(1.0, out)]
