@@ -881,7 +881,9 @@ def results_table(root: Path, rows, mini: MiniConfig) -> str:
     if by_type:
         lines += [f"Success Rate (%) per task type ({splits[0] or 'eval draw'}):", "",
                   markdown_table(["model", "method", *types], by_type), ""]
-    windows = training_windows(root, rows)
+    # The distillation runs' logs only: the teacher's and warm-ups' own SFT logs (in the out-dir, not exported) are
+    # thousands of steps of another kind.
+    windows = training_windows(root, [r for r in rows if r[2] in (*mini.methods, *mini.baselines)])
     if windows:
         lines += [f"Training, in {WINDOW}-step windows ({WINDOW * mini.batch_tasks} games a seed; mean ± std over "
                   "seeds): games won, the teacher's share of the turns, and the sampled KL to the teacher on the "

@@ -48,6 +48,9 @@ def test_results_table_reports_intervals_and_the_paired_difference(tmp_path):
             (root / name / "final_model").mkdir(parents=True, exist_ok=True)
             (root / name / "final_model" / "model.safetensors").write_bytes(b"weights")
             (root / name / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    # The teacher's own SFT log, as in a live out-dir (export leaves it behind): not a distillation run's.
+    (root / "teacher" / "metrics.jsonl").write_text("".join(json.dumps({"step": i, "loss": 1.0}) + "\n"
+                                                            for i in range(30)))
     table = mini_repro.report(mini)
     assert (root / "comparison.png").stat().st_size > 0
 
@@ -63,6 +66,7 @@ def test_results_table_reports_intervals_and_the_paired_difference(tmp_path):
     # Training in step windows, per seed then over seeds: teacher turns = mean of 0.5 / (step + 1) over steps 0-3.
     assert "| student d48 | guided_opd | 0-3 | 30.0 ± 0.0 | 26 ± 0 | 0.400 ± 0.000 |" in table
     assert "| student d48 | opd | 0-3 | 20.0 ± 0.0 |" in table
+    assert "| teacher (MoE) | SFT + 2 DAgger rounds | 0-" not in table
 
     # The committable copy (no weights, no unfinished run) rebuilds the same table and plot from its own files.
     committed = tmp_path / "committed"
