@@ -874,7 +874,8 @@ def results_table(root: Path, rows, mini: MiniConfig) -> str:
                for model, method, evals in by_type]
     lines = [f"# Mini-scale Guided-OPD reproduction ({mini.env})", "",
              f"Students: {mini.distill_steps} distillation steps x {mini.batch_tasks} tasks from one warm-up SFT init "
-             f"per size. Evaluation at beta 0, temperature {mini.final_eval_temperature:g}, "
+             f"per size. Evaluation at beta 0, temperature "
+             f"{mini.final_eval_temperature if mini.final_eval_splits else _base(mini).eval_temperature:g}, "
              f"{mini.final_eval_turns if mini.final_eval_splits else mini.max_turns} turns. Success Rate: mean "
              "with a 95% bootstrap interval over games and seeds; other columns: mean ± std over seeds.", "",
              markdown_table(header, table), ""]
