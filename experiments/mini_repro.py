@@ -128,9 +128,9 @@ class MiniConfig:
     # empty: the runs' own final evaluations on `eval_limit` stratified games.
     final_eval_splits: tuple[str, ...] = ("valid_unseen", "valid_seen")
     final_eval_turns: int = 30
-    # The paper's evaluation temperature. Another value writes its own files (full_eval_<split>_t<T>.json), so
-    # evaluations at two temperatures never mix and a start evaluated at 0.4 is still the same start.
-    final_eval_temperature: float = 0.4
+    # Another value than the paper's writes its own files (full_eval_<split>_t<T>.json), so evaluations at two
+    # temperatures never mix and a start evaluated at the paper's is still the same start.
+    final_eval_temperature: float = ExperimentConfig.eval_temperature
     # Distillation rollouts, as the paper (30 on ALFWorld): the handcoded expert needs 18 turns on average (median 16),
     # so a 15-turn cap (the pilots') ends most games before even the expert could win them.
     max_turns: int = 30
@@ -294,7 +294,8 @@ def _build_running(corpus: Path) -> bool:
         return False
 
 
-def rollout_settings(mini: MiniConfig, max_turns: int | None = None, temperature: float = 0.4) -> RolloutConfig:
+def rollout_settings(mini: MiniConfig, max_turns: int | None = None,
+                     temperature: float = ExperimentConfig.eval_temperature) -> RolloutConfig:
     """The prompt format every stage shares (teacher and students): no thinking, k_history, prompt cap."""
     return RolloutConfig(env=mini.env, max_turns=max_turns or mini.max_turns, max_new_tokens=mini.max_new_tokens,
                          temperature=temperature, k_history=mini.k_history,
@@ -702,9 +703,10 @@ def grid_order(mini: MiniConfig) -> list[tuple[int, int, str]]:
 
 
 def full_eval_name(mini: MiniConfig, split: str) -> str:
-    """The file of a whole-split evaluation: full_eval_<split>.json at the paper's temperature (0.4), else with
-    the temperature in the name."""
-    at = "" if mini.final_eval_temperature == 0.4 else f"_t{mini.final_eval_temperature:g}"
+    """The file of a whole-split evaluation: full_eval_<split>.json at the paper's temperature (ExperimentConfig's
+    eval_temperature, 0.4), else with the temperature in the name."""
+    t = mini.final_eval_temperature
+    at = "" if t == ExperimentConfig.eval_temperature else f"_t{t:g}"
     return f"full_eval_{split}{at}.json"
 
 
@@ -875,7 +877,7 @@ def results_table(root: Path, rows, mini: MiniConfig) -> str:
     lines = [f"# Mini-scale Guided-OPD reproduction ({mini.env})", "",
              f"Students: {mini.distill_steps} distillation steps x {mini.batch_tasks} tasks from one warm-up SFT init "
              f"per size. Evaluation at beta 0, temperature "
-             f"{mini.final_eval_temperature if mini.final_eval_splits else _base(mini).eval_temperature:g}, "
+             f"{mini.final_eval_temperature if mini.final_eval_splits else ExperimentConfig.eval_temperature:g}, "
              f"{mini.final_eval_turns if mini.final_eval_splits else mini.max_turns} turns. Success Rate: mean "
              "with a 95% bootstrap interval over games and seeds; other columns: mean ± std over seeds.", "",
              markdown_table(header, table), ""]
@@ -923,8 +925,9 @@ WINDOW = 10  # steps per row of the training table
 
 
 def training_windows(root: Path, rows) -> list[list[str]]:
-    """Per distilled model and method (rows as in `results_table`; rows without a training log are left out), the
-    training log averaged over consecutive WINDOW-step windows, per seed, then mean ± std over seeds."""
+    """Per distillation row (rows as in `results_table`, given without the teacher's and warm-ups', whose logs are
+    SFT logs; rows without a training log are left out), the training log averaged over consecutive WINDOW-step
+    windows, per seed, then mean ± std over seeds."""
     table = []
     for model, _, method, names in rows:
         runs = [r for x in names if (r := read_jsonl(root / x / "metrics.jsonl"))]
