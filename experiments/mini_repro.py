@@ -21,6 +21,7 @@ resumable after a kill:
 from __future__ import annotations
 
 import argparse
+import collections
 import contextlib
 import dataclasses
 import fcntl
@@ -894,6 +895,13 @@ def results_table(root: Path, rows, mini: MiniConfig) -> str:
                   "here:", "",
                   markdown_table(["model", "method", "steps", "training games won %", "teacher-owned turns %",
                                   "sampled KL (nats/token)"], windows), ""]
+    for split in splits:
+        profile = action_table(root, rows, mini, split)
+        if profile:
+            lines += [f"What the models do with their turns ({split or 'eval draw'}; evaluations that kept an action "
+                      "profile, turns pooled over seeds): per action verb, its share of all turns and, in brackets, "
+                      "the % of those turns that repeat an action the episode had already played:", "",
+                      *profile, ""]
     lines += ["Guided-OPD minus OPD on the same seeds and games (percentage points, 95% paired bootstrap interval), "
               "and the relative change; the paper (DESIGN.md §3) reports +21.1% Score, +25.5% Success Rate, "
               "-6.0% Rounds on average:", ""]
@@ -922,6 +930,43 @@ def results_table(root: Path, rows, mini: MiniConfig) -> str:
 
 
 WINDOW = 10  # steps per row of the training table
+MIN_VERB_SHARE = 2.0  # % of some row's turns a verb needs for a column of its own; rarer verbs go to "other"
+
+
+def action_table(root: Path, rows, mini: MiniConfig, split: str | None) -> list[str]:
+    """The action profiles (evaluate.action_profile) of `rows` (as in `results_table`) on `split`, counts pooled
+    over seeds, as markdown lines; rows whose evaluations predate the profile are left out, [] when none has one."""
+    pooled = []
+    for model, _, method, names in rows:
+        evals = [e for x in names for e in _final_evals(mini, root, x, split)]
+        if not evals or not all("actions" in e for e in evals):
+            continue
+        counts: dict[str, collections.Counter] = collections.defaultdict(collections.Counter)
+        for e in evals:
+            for verb, c in e["actions"].items():
+                counts[verb].update(c)
+        pooled.append((model, f"{method} ({len(evals)})", sum(e["n"] for e in evals), counts))
+    if not pooled:
+        return []
+    frequent, overall = set(), collections.Counter()
+    for *_, counts in pooled:
+        turns = sum(c["turns"] for c in counts.values())
+        frequent |= {v for v, c in counts.items() if 100 * c["turns"] >= MIN_VERB_SHARE * turns}
+        overall.update({v: c["turns"] for v, c in counts.items()})
+    verbs = sorted(frequent, key=lambda v: (-overall[v], v))  # most played first
+    table = []
+    for model, method, games, counts in pooled:
+        turns = sum(c["turns"] for c in counts.values())
+        other = collections.Counter()
+        for v in set(counts) - set(verbs):
+            other.update(counts[v])
+        cells = [f"{100 * c['turns'] / turns:.1f} ({100 * c['repeats'] / max(c['turns'], 1):.0f})"
+                 for c in (*(counts.get(v, collections.Counter()) for v in verbs), other)]
+        table.append([model, method, f"{turns / games:.1f}",
+                      f"{100 * sum(c['valid'] for c in counts.values()) / turns:.1f}",
+                      f"{100 * sum(c['repeats'] for c in counts.values()) / turns:.1f}", *cells])
+    return [markdown_table(["model", "method (seeds)", "turns a game", "valid %", "repeats %", *verbs, "other"],
+                           table)]
 
 
 def training_windows(root: Path, rows) -> list[list[str]]:

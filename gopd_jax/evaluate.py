@@ -81,8 +81,32 @@ def stratified_draw(tasks: list[TaskSpec], n: int, seed: int) -> list[TaskSpec]:
     return out
 
 
+NO_ACTION = "(none)"  # the verb of a reply without a parsable action
+
+
+def action_profile(episodes: list[Episode]) -> dict[str, dict[str, int]]:
+    """Counts of what a policy did with its turns, per action verb (the action's first word, lower-cased;
+    NO_ACTION for a reply without a parsable action): turns, valid (the state offered the action) and repeats
+    (the episode had already played the same action). The valid-action rate alone cannot tell a policy that
+    plays useful moves from one that keeps playing admissible moves that lead nowhere (examining, looking,
+    walking back and forth); this can. Counts, not rates, so that seeds and runs pool by addition."""
+    counts: dict[str, dict[str, int]] = defaultdict(lambda: {"turns": 0, "valid": 0, "repeats": 0})
+    for ep in episodes:
+        played: set[str] = set()
+        for turn in ep.turns:
+            words = (turn.action or "").split()
+            c = counts[words[0].lower() if words else NO_ACTION]
+            c["turns"] += 1
+            c["valid"] += bool(turn.valid)
+            c["repeats"] += turn.action is not None and turn.action in played
+            if turn.action is not None:
+                played.add(turn.action)
+    return {verb: counts[verb] for verb in sorted(counts)}
+
+
 def evaluate_policy(runner: RolloutRunner, tasks, policy, key, progress: bool = True) -> tuple[dict, list[Episode]]:
-    """Score a policy alone (beta = 0): Score / Success Rate / Rounds, per task type, success by turn."""
+    """Score a policy alone (beta = 0): Score / Success Rate / Rounds, per task type, success by turn, and the
+    action profile (what it did with its turns)."""
     from gopd_jax.methods import owners_from_beta
 
     episodes, stats = runner.run(tasks, {STUDENT: policy, TEACHER: policy}, owners_from_beta(0.0), key,
@@ -90,6 +114,7 @@ def evaluate_policy(runner: RolloutRunner, tasks, policy, key, progress: bool = 
     results = [e.result for e in episodes]
     summary = summarize(results)
     summary["success_by_turn"] = success_by_turn(results, runner.config.turn_limit)
+    summary["actions"] = action_profile(episodes)
     summary["rollout"] = stats
     return summary, episodes
 

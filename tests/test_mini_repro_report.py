@@ -67,12 +67,36 @@ def test_results_table_reports_intervals_and_the_paired_difference(tmp_path):
     assert "| student d48 | guided_opd | 0-3 | 30.0 ± 0.0 | 26 ± 0 | 0.400 ± 0.000 |" in table
     assert "| student d48 | opd | 0-3 | 20.0 ± 0.0 |" in table
     assert "| teacher (MoE) | SFT + 2 DAgger rounds | 0-" not in table
+    assert "What the models do with their turns" not in table  # no evaluation kept an action profile
 
     # The committable copy (no weights, no unfinished run) rebuilds the same table and plot from its own files.
     committed = tmp_path / "committed"
     assert mini_repro.export_results(mini, committed) == table
     assert (committed / "results.md").read_text() == table and (committed / "comparison.png").is_file()
     assert not list(committed.rglob("*.safetensors")) and not (committed / "d48_opd_s2").exists()
+
+
+def test_action_table_pools_seeds_and_folds_rare_verbs(tmp_path):
+    mini = dataclasses.replace(mini_repro.PRESETS["full"], out_dir=str(tmp_path), final_eval_splits=("valid_seen",))
+    profiles = {"d48_opd_s0": {"go": {"turns": 60, "valid": 60, "repeats": 30},
+                               "look": {"turns": 39, "valid": 39, "repeats": 38},
+                               "inventory": {"turns": 1, "valid": 1, "repeats": 0}},
+                "d48_opd_s1": {"go": {"turns": 40, "valid": 30, "repeats": 10},
+                               "(none)": {"turns": 60, "valid": 0, "repeats": 0}},
+                "d48_warmup": None}  # evaluated before the profile existed: left out
+    for name, actions in profiles.items():
+        _write_eval(tmp_path / name, "valid_seen", [1.0] * 10)
+        if actions:
+            path = tmp_path / name / "full_eval_valid_seen.json"
+            path.write_text(json.dumps({**json.loads(path.read_text()), "actions": actions}))
+    rows = [("student d48", 1, "warm-up", ["d48_warmup"]), ("student d48", 1, "opd", ["d48_opd_s0", "d48_opd_s1"])]
+    lines = mini_repro.action_table(tmp_path, rows, mini, "valid_seen")
+    # 200 turns over 20 games; go 100 (40 repeats), (none) 60, look 39 (38 repeats); inventory (1 of s0's 100
+    # turns, under 2% of every row) is "other".
+    assert lines == [mini_repro.markdown_table(
+        ["model", "method (seeds)", "turns a game", "valid %", "repeats %", "go", "(none)", "look", "other"],
+        [["student d48", "opd (2)", "10.0", "65.0", "39.0", "50.0 (40)", "30.0 (0)", "19.5 (97)", "0.5 (0)"]])]
+    assert mini_repro.action_table(tmp_path, rows[:1], mini, "valid_seen") == []
 
 
 def test_set_overrides_a_presets_fields_and_names_the_known_ones():

@@ -43,6 +43,11 @@ def test_runner_trains_evaluates_reports_and_resumes(models, tmp_path):
     assert train[0]["teacher_turn_frac"] == 1.0 and train[2]["teacher_turn_frac"] == 0.0
     assert all(np.isfinite(r["loss"]) and r["skipped"] == 0 for r in train)
     assert final["n"] == 2 and 0 <= final["success_rate"] <= 100
+    # The action profile covers every turn played and agrees with the valid-action rate.
+    turns = sum(c["turns"] for c in final["actions"].values())
+    assert turns == final["rounds"] * final["n"] and turns > 0
+    valid = sum(c["valid"] for c in final["actions"].values())
+    assert 100 * valid / turns == pytest.approx(final["valid_action_rate"])
     assert {"plots.png", "results.md", "config.json", "final_eval.json"} <= {p.name for p in out.iterdir()}
     assert any((out / "tensorboard").iterdir())
     trained, _ = load_hf_checkpoint(out / "final_model", dtype=np.float32)
