@@ -899,8 +899,9 @@ def results_table(root: Path, rows, mini: MiniConfig) -> str:
         profile = action_table(root, rows, mini, split)
         if profile:
             lines += [f"What the models do with their turns ({split or 'eval draw'}; evaluations that kept an action "
-                      "profile, turns pooled over seeds): per action verb, its share of all turns and, in brackets, "
-                      "the % of those turns that repeat an action the episode had already played:", "",
+                      "profile, turns pooled over seeds): per action verb, its share of all turns % and, in brackets, "
+                      "the % of those turns that the state offered (valid) and that repeat an action the episode had "
+                      "already played:", "",
                       *profile, ""]
     lines += ["Guided-OPD minus OPD on the same seeds and games (percentage points, 95% paired bootstrap interval), "
               "and the relative change; the paper (DESIGN.md §3) reports +21.1% Score, +25.5% Success Rate, "
@@ -960,7 +961,8 @@ def action_table(root: Path, rows, mini: MiniConfig, split: str | None) -> list[
         other = collections.Counter()
         for v in set(counts) - set(verbs):
             other.update(counts[v])
-        cells = [f"{100 * c['turns'] / turns:.1f} ({100 * c['repeats'] / max(c['turns'], 1):.0f})"
+        cells = [f"{100 * c['turns'] / turns:.1f} ({100 * c['valid'] / c['turns']:.0f}, "
+                 f"{100 * c['repeats'] / c['turns']:.0f})" if c['turns'] else "0.0"
                  for c in (*(counts.get(v, collections.Counter()) for v in verbs), other)]
         table.append([model, method, f"{turns / games:.1f}",
                       f"{100 * sum(c['valid'] for c in counts.values()) / turns:.1f}",

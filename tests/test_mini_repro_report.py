@@ -83,20 +83,24 @@ def test_action_table_pools_seeds_and_folds_rare_verbs(tmp_path):
                                "inventory": {"turns": 1, "valid": 1, "repeats": 0}},
                 "d48_opd_s1": {"go": {"turns": 40, "valid": 30, "repeats": 10},
                                "(none)": {"turns": 60, "valid": 0, "repeats": 0}},
-                "d48_warmup": None}  # evaluated before the profile existed: left out
+                "d48_warmup": None,  # evaluated before the profile existed: left out
+                "teacher": {"go": {"turns": 50, "valid": 50, "repeats": 0}}}
     for name, actions in profiles.items():
         _write_eval(tmp_path / name, "valid_seen", [1.0] * 10)
         if actions:
             path = tmp_path / name / "full_eval_valid_seen.json"
             path.write_text(json.dumps({**json.loads(path.read_text()), "actions": actions}))
-    rows = [("student d48", 1, "warm-up", ["d48_warmup"]), ("student d48", 1, "opd", ["d48_opd_s0", "d48_opd_s1"])]
+    rows = [("teacher", 1, "SFT", ["teacher"]), ("student d48", 1, "warm-up", ["d48_warmup"]),
+            ("student d48", 1, "opd", ["d48_opd_s0", "d48_opd_s1"])]
     lines = mini_repro.action_table(tmp_path, rows, mini, "valid_seen")
-    # 200 turns over 20 games; go 100 (40 repeats), (none) 60, look 39 (38 repeats); inventory (1 of s0's 100
-    # turns, under 2% of every row) is "other".
+    # 200 turns over 20 games; go 100 (90 valid, 40 repeats), (none) 60, look 39 (38 repeats); inventory (1 of
+    # s0's 100 turns, under 2% of every row) is "other".
     assert lines == [mini_repro.markdown_table(
         ["model", "method (seeds)", "turns a game", "valid %", "repeats %", "go", "(none)", "look", "other"],
-        [["student d48", "opd (2)", "10.0", "65.0", "39.0", "50.0 (40)", "30.0 (0)", "19.5 (97)", "0.5 (0)"]])]
-    assert mini_repro.action_table(tmp_path, rows[:1], mini, "valid_seen") == []
+        [["teacher", "SFT (1)", "5.0", "100.0", "0.0", "100.0 (100, 0)", "0.0", "0.0", "0.0"],
+         ["student d48", "opd (2)", "10.0", "65.0", "39.0", "50.0 (90, 40)", "30.0 (0, 0)", "19.5 (100, 97)",
+          "0.5 (100, 0)"]])]
+    assert mini_repro.action_table(tmp_path, rows[1:2], mini, "valid_seen") == []
 
 
 def test_set_overrides_a_presets_fields_and_names_the_known_ones():
