@@ -782,7 +782,7 @@ def export_results(mini: MiniConfig, dest: Path) -> str:
     for name in trained + runs:
         if not _final_evals(mini, root, name):
             continue  # unfinished
-        files = [*(root / name).glob("full_eval_*.json"), root / name / "config.json"]
+        files = [*(root / name).glob("full_eval_*.json"), root / name / "config.json", root / name / "agreement.json"]
         if name in runs:  # the training curves of the comparison plot and the late KL column
             files += [root / name / f for f in ("eval.jsonl", "final_eval.json", "metrics.jsonl")]
         (dest / name).mkdir(parents=True, exist_ok=True)
@@ -1040,6 +1040,20 @@ def checkpoint_agreement(run_root: Path, step: int | None = None) -> dict:
     return result
 
 
+def model_agreement(mini: MiniConfig, name: str) -> dict:
+    """The expert agreement (teacher_agreement: on the expert's own validation states, by action verb) of the
+    out-dir's finished model `name` (the teacher, a warm-up or a distillation run), written to its
+    agreement.json: whether a student imitates the expert's moves better or worse after distillation."""
+    root = Path(mini.out_dir)
+    tokenizer = load_tokenizer(root / "tokenizer")
+    params, config = load_hf_checkpoint(root / name / "final_model", dtype=jnp.float32)
+    result = teacher_agreement(mini, tokenizer, params, config)
+    if result is None:
+        raise SystemExit("agreement_corpus_dir is not set: there is no expert corpus to measure the agreement on")
+    (root / name / "agreement.json").write_text(json.dumps(result, indent=2))
+    return result
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--preset", choices=sorted(PRESETS), default="full")
@@ -1066,6 +1080,9 @@ def main(argv=None):
     ap.add_argument("--agreement", nargs="?", type=int, const=0, default=None, metavar="STEP",
                     help="print (and log to teacher/agreement.jsonl) the expert agreement of the out-dir's teacher "
                          "checkpoint at STEP (default: the latest)")
+    ap.add_argument("--agreement-of", nargs="+", default=None, metavar="RUN",
+                    help="write the expert agreement of each finished model RUN of the out-dir (teacher, d64_warmup, "
+                         "d96_opd_s0, ...) to RUN/agreement.json, and print its total")
     ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                     help="override a preset's setting, e.g. --set teacher_prompt_weight=0.1 --set seeds=[0,1]")
     args = ap.parse_args(argv)
@@ -1073,6 +1090,9 @@ def main(argv=None):
     mini = dataclasses.replace(mini, out_dir=args.out_dir or mini.out_dir, progress=not args.no_progress)
     if args.pack_start:
         print(pack_start(mini, args.pack_start))
+    elif args.agreement_of:
+        for name in args.agreement_of:
+            print(name, f"{model_agreement(mini, name)['agreement']:.1f}% expert agreement", flush=True)
     elif args.agreement is not None:
         print(json.dumps(checkpoint_agreement(Path(mini.out_dir), args.agreement or None)))
     elif args.export:

@@ -69,11 +69,14 @@ def test_results_table_reports_intervals_and_the_paired_difference(tmp_path):
     assert "| teacher (MoE) | SFT + 2 DAgger rounds | 0-" not in table
     assert "What the models do with their turns" not in table  # no evaluation kept an action profile
 
-    # The committable copy (no weights, no unfinished run) rebuilds the same table and plot from its own files.
+    # The committable copy (no weights, no unfinished run) rebuilds the same table and plot from its own files,
+    # and keeps a model's expert agreement where one was measured.
+    (root / "teacher" / "agreement.json").write_text('{"agreement": 80.0}')
     committed = tmp_path / "committed"
     assert mini_repro.export_results(mini, committed) == table
     assert (committed / "results.md").read_text() == table and (committed / "comparison.png").is_file()
     assert not list(committed.rglob("*.safetensors")) and not (committed / "d48_opd_s2").exists()
+    assert json.loads((committed / "teacher" / "agreement.json").read_text()) == {"agreement": 80.0}
 
 
 def test_action_table_pools_seeds_and_folds_rare_verbs(tmp_path):

@@ -143,6 +143,11 @@ def test_teacher_curve_and_checkpoints_report_expert_agreement(mini, tmp_path):
     again = mini_repro.checkpoint_agreement(tmp_path)
     assert again["step"] == 4 and again["by_action"] == by_action
     assert {k: again[k] for k in totals} == pytest.approx({k: want[k] for k in totals}, rel=1e-4)
+    # Any finished model of the out-dir (here the teacher's final weights), written beside it.
+    final = mini_repro.model_agreement(dataclasses.replace(mini, out_dir=str(tmp_path)), "teacher")
+    assert {k: final[k] for k in totals} == pytest.approx({k: want[k] for k in totals}, rel=1e-4)
+    assert final["by_action"] == by_action
+    assert json.loads((tmp_path / "teacher" / "agreement.json").read_text()) == final
     # A checkpoint exported for a pilot is the model the run saved at that step, with its tokenizer.
     exported = mini_repro.export_teacher(tmp_path, 4, tmp_path / "exported")
     leaves = jax.tree.leaves(load_hf_checkpoint(exported)[0])
