@@ -44,7 +44,7 @@ from gopd_jax import intervals
 from gopd_jax.checkpointing import Checkpointer
 from gopd_jax.envs import EnvPool, list_tasks
 from gopd_jax.envs.prompting import build_messages
-from gopd_jax.evaluate import evaluate_checkpoint, evaluate_policy, format_table, stratified_draw
+from gopd_jax.evaluate import action_verb, evaluate_checkpoint, evaluate_policy, format_table, stratified_draw
 from gopd_jax.experiment import ExperimentConfig
 from gopd_jax.models import Qwen3Config, init_params, load_hf_checkpoint, save_hf_checkpoint
 from gopd_jax.records import Policy
@@ -379,8 +379,7 @@ def teacher_agreement(mini: MiniConfig, tokenizer, params, config: Qwen3Config) 
                                 progress=False)
     # Which kinds of expert action the teacher gets wrong (search moves, object ids, appliance use) says what it
     # still lacks better than the total does.
-    verbs = [(tokenizer.decode(rendered.row(i)[1], skip_special_tokens=True).split() or ["(empty)"])[0]
-             for i in range(len(rendered))]
+    verbs = [action_verb(tokenizer.decode(rendered.row(i)[1], skip_special_tokens=True)) for i in range(len(rendered))]
     return ec.expert_agreement(params, config, rendered, mini.teacher_tokens_per_batch, sft_widths(mini),
                                pad_id=tokenizer.pad_token_id or 0, labels={"action": verbs})
 

@@ -84,9 +84,15 @@ def stratified_draw(tasks: list[TaskSpec], n: int, seed: int) -> list[TaskSpec]:
 NO_ACTION = "(none)"  # the verb of a reply without a parsable action
 
 
+def action_verb(action: str | None) -> str:
+    """An action's verb: its first word, lower-cased ("go" for "go to desk 1"); NO_ACTION for None or blank."""
+    words = (action or "").split()
+    return words[0].lower() if words else NO_ACTION
+
+
 def action_profile(episodes: list[Episode]) -> dict[str, dict[str, int]]:
-    """Counts of what a policy did with its turns, per action verb (the action's first word, lower-cased;
-    NO_ACTION for a reply without a parsable action): turns, valid (the state offered the action) and repeats
+    """Counts of what a policy did with its turns, per action_verb (NO_ACTION for a reply without a parsable
+    action): turns, valid (the state offered the action) and repeats
     (the episode had already played the same action). The valid-action rate alone cannot tell a policy that
     plays useful moves from one that keeps playing admissible moves that lead nowhere (examining, looking,
     walking back and forth); this can. Counts, not rates, so that seeds and runs pool by addition."""
@@ -94,8 +100,7 @@ def action_profile(episodes: list[Episode]) -> dict[str, dict[str, int]]:
     for ep in episodes:
         played: set[str] = set()
         for turn in ep.turns:
-            words = (turn.action or "").split()
-            c = counts[words[0].lower() if words else NO_ACTION]
+            c = counts[action_verb(turn.action)]
             c["turns"] += 1
             c["valid"] += bool(turn.valid)
             c["repeats"] += turn.action is not None and turn.action in played
