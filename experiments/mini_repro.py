@@ -1029,11 +1029,20 @@ def export_teacher(run_root: Path, step: int, dest: Path) -> str:
     return str(dest)
 
 
+def required_agreement(mini: MiniConfig, tokenizer, params, config: Qwen3Config) -> dict:
+    """teacher_agreement, for the commands that exist to measure it: no expert corpus is an error, not a skip."""
+    result = teacher_agreement(mini, tokenizer, params, config)
+    if result is None:
+        raise SystemExit("agreement_corpus_dir is not set: there is no expert corpus to measure the agreement on "
+                         "(the full preset sets it; --set agreement_corpus_dir=... for another)")
+    return result
+
+
 def checkpoint_agreement(run_root: Path, step: int | None = None) -> dict:
     """The expert agreement of a teacher checkpoint (default: the latest) of the run in `run_root`, under the
     settings that run was made with; appended to its teacher/agreement.jsonl. For runs whose curve predates it."""
     mini, tokenizer, config, params, done = restore_teacher(run_root, step)
-    result = {"step": done, **teacher_agreement(mini, tokenizer, params, config)}
+    result = {"step": done, **required_agreement(mini, tokenizer, params, config)}
     with open(run_root / "teacher" / "agreement.jsonl", "a") as f:
         f.write(json.dumps(result) + "\n")
     return result
@@ -1046,9 +1055,7 @@ def model_agreement(mini: MiniConfig, name: str) -> dict:
     root = Path(mini.out_dir)
     tokenizer = load_tokenizer(root / "tokenizer")
     params, config = load_hf_checkpoint(root / name / "final_model", dtype=jnp.float32)
-    result = teacher_agreement(mini, tokenizer, params, config)
-    if result is None:
-        raise SystemExit("agreement_corpus_dir is not set: there is no expert corpus to measure the agreement on")
+    result = required_agreement(mini, tokenizer, params, config)
     (root / name / "agreement.json").write_text(json.dumps(result, indent=2))
     return result
 

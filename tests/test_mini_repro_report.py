@@ -161,3 +161,9 @@ def test_a_finished_teacher_gets_the_whole_split_evaluations_it_lacks(tmp_path, 
     assert mini_repro.train_teacher(mini, vocab, out) == str(out / "final_model")
     mini_repro.train_teacher(mini, vocab, out, offline=True)
     assert calls == [(1.0, out)]
+
+
+def test_agreement_commands_name_the_missing_expert_corpus():
+    # The quick preset builds no validation expert corpus: measuring an agreement there is a clear error.
+    with pytest.raises(SystemExit, match="agreement_corpus_dir is not set"):
+        mini_repro.required_agreement(mini_repro.PRESETS["quick"], None, None, None)
