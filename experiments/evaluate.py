@@ -35,7 +35,8 @@ def main(argv=None):
     ap.add_argument("--limit", type=_at_least(0), default=0, help="a seeded draw of N tasks stratified over task types (0: the whole split)")
     ap.add_argument("--num-workers", type=_at_least(1), default=4)
     ap.add_argument("--temperature", type=_at_least(0.0, float), default=0.4)
-    ap.add_argument("--max-turns", type=_at_least(0), default=0, help="0: the paper's per-environment limit")
+    ap.add_argument("--max-turns", type=_at_least(0), default=0,
+                    help="0: the paper's per-environment limit for a model; for --policy expert, its whole plan")
     ap.add_argument("--max-new-tokens", type=_at_least(1), default=512)
     ap.add_argument("--think", type=parse_bool, default=True)
     ap.add_argument("--tokenizer", default="", help="default: the checkpoint's own")

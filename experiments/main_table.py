@@ -1,5 +1,5 @@
 """The paper's main table: for each environment x student, the teacher alone, the zero-shot student, vanilla
-OPD and Guided-OPD, with the paper's hyperparameters (DESIGN.md §3) as defaults.
+OPD and Guided-OPD, with the paper's hyperparameters (docs/PAPER.md §3) as defaults.
 
     python -m experiments.main_table --teacher /ckpt/Qwen3-30B-A3B \\
         --students /ckpt/Qwen3-0.6B /ckpt/Qwen3-1.7B /ckpt/Qwen3-4B --envs alfworld scienceworld webshop

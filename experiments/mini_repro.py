@@ -140,6 +140,7 @@ class MiniConfig:
     num_workers: int = 2  # environment worker processes (the reference machine has 2 cores)
     progress: bool = True
     quiet: bool = False  # one console line per stage; each stage's own output goes to <out_dir>/logs/
+    resume_anyway: bool = False  # continue a distillation run although its worker count differs (RUN_ONLY_FIELDS)
 
     def __post_init__(self):
         if self.tokenizer_games > self.corpus_min_games:
@@ -172,7 +173,7 @@ def _base(mini: MiniConfig, **kw) -> ExperimentConfig:
                   max_new_tokens=mini.max_new_tokens, compute_dtype="float32", batch_tasks=mini.batch_tasks,
                   learning_rate=mini.learning_rate, micro_batch_rows=8, estimator=mini.estimator,
                   num_workers=mini.num_workers, eval_limit=mini.eval_limit, eval_every=0, checkpoint_every=10,
-                  progress=mini.progress)
+                  progress=mini.progress, resume_anyway=mini.resume_anyway)
     return ExperimentConfig(**(shared | kw))
 
 
@@ -186,9 +187,10 @@ SNAPSHOTS = {("alfworld", "walkthrough"): Path(__file__).parent / "data" / "alfw
 START_SNAPSHOT = Path(__file__).parent / "data" / "mini_repro_start.tar.xz"
 # Settings only the distillation runs read (or whose results go to files of their own): a start made under other
 # values of these is the same start.
-GRID_ONLY_FIELDS = frozenset({"out_dir", "progress", "quiet", "num_workers", "corpus_workers", "corpus_min_games",
-                              "distill_steps", "batch_tasks", "learning_rate", "estimator", "methods", "seeds",
-                              "baselines", "baseline_seeds", "fixed_beta", "final_eval_temperature"})
+GRID_ONLY_FIELDS = frozenset({"out_dir", "progress", "quiet", "resume_anyway", "num_workers", "corpus_workers",
+                              "corpus_min_games", "distill_steps", "batch_tasks", "learning_rate", "estimator",
+                              "methods", "seeds", "baselines", "baseline_seeds", "fixed_beta",
+                              "final_eval_temperature"})
 
 
 def start_settings(mini: MiniConfig) -> dict:
@@ -903,7 +905,7 @@ def results_table(root: Path, rows, mini: MiniConfig) -> str:
                       "already played:", "",
                       *profile, ""]
     lines += ["Guided-OPD minus OPD on the same seeds and games (percentage points, 95% paired bootstrap interval), "
-              "and the relative change; the paper (DESIGN.md §3) reports +21.1% Score, +25.5% Success Rate, "
+              "and the relative change; the paper (docs/PAPER.md §3) reports +21.1% Score, +25.5% Success Rate, "
               "-6.0% Rounds on average:", ""]
     diffs = []
     for model, _, method, names in rows:
@@ -1065,6 +1067,8 @@ def main(argv=None):
     ap.add_argument("--preset", choices=sorted(PRESETS), default="full")
     ap.add_argument("--out-dir", default=None)
     ap.add_argument("--no-progress", action="store_true")
+    ap.add_argument("--resume-anyway", action="store_true",
+                    help="continue a distillation run that was started with another worker count")
     ap.add_argument("--until", choices=STAGES, default="all", help="stop after this stage")
     ap.add_argument("--only", choices=("warmup", "teacher"), default=None,
                     help="run just this stage (after the corpus and tokenizer): the students' warm-ups and the "
@@ -1093,7 +1097,8 @@ def main(argv=None):
                     help="override a preset's setting, e.g. --set teacher_prompt_weight=0.1 --set seeds=[0,1]")
     args = ap.parse_args(argv)
     mini = override(PRESETS[args.preset], args.set)
-    mini = dataclasses.replace(mini, out_dir=args.out_dir or mini.out_dir, progress=not args.no_progress)
+    mini = dataclasses.replace(mini, out_dir=args.out_dir or mini.out_dir, progress=not args.no_progress,
+                               resume_anyway=args.resume_anyway or mini.resume_anyway)
     if args.pack_start:
         print(pack_start(mini, args.pack_start))
     elif args.agreement_of:

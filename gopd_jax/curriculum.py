@@ -1,4 +1,4 @@
-"""Teacher-intervention curricula (DESIGN.md §2).
+"""Teacher-intervention curricula (docs/PAPER.md §2).
 
 A curriculum is any optax schedule, i.e. a callable ``step -> value``: ``beta(step)`` is the probability
 that the teacher owns a turn at that training step. Guided-OPD uses ``cosine_to_zero``; vanilla OPD is

@@ -18,7 +18,7 @@ COMPUTE_DTYPES = ("float32", "bfloat16", "float16")
 
 @dataclasses.dataclass(frozen=True)
 class ExperimentConfig:
-    """Everything one training run needs. Defaults are the paper's settings (DESIGN.md §3)."""
+    """Everything one training run needs. Defaults are the paper's settings (docs/PAPER.md §3)."""
 
     name: str = "guided_opd"
     out_dir: str = "runs/guided_opd"
@@ -178,9 +178,10 @@ _RANGES = {
 
 
 # Fields that change how a run is executed or logged, not what it computes: --resume-anyway accepts a change.
-RUN_ONLY_FIELDS = ("progress", "num_workers", "eval_every", "checkpoint_every", "keep_checkpoints", "teacher_layout",
+RUN_ONLY_FIELDS = ("num_workers", "eval_every", "checkpoint_every", "keep_checkpoints", "teacher_layout",
                    "student_update")
-_NOT_COMPARED = ("name", "out_dir", "resume_anyway")  # labels and switches, never part of the experiment
+# Labels and display switches, never part of the experiment: a run started with progress bars resumes without them.
+_NOT_COMPARED = ("name", "out_dir", "resume_anyway", "progress")
 
 
 # What a checkpoint's evaluation (runner.evaluate_checkpoint) depends on, besides the checkpoint itself.

@@ -231,7 +231,8 @@ def _build(env_name, split, out: Path, *, num_workers, limit, seed, shard_games,
     if (out / "meta.json").is_file():
         old = corpus_meta(out)
         if old != meta:
-            raise ValueError(f"{out} holds a corpus built with {old}, not {meta}: use another --out or delete it")
+            raise ValueError(f"{out} holds a corpus built with {old}, not {meta}: "
+                             "build into another directory or delete this one")
     else:
         _write_atomic(out / "meta.json", json.dumps(meta, indent=2))
     tasks = list_tasks(env_name, split, data_dir=data_dir)

@@ -1,4 +1,4 @@
-"""Owner-masked distillation losses (DESIGN.md §2.3), pure and jittable.
+"""Owner-masked distillation losses (docs/PAPER.md §2), pure and jittable.
 
 Batch layout (docs/CONTRACTS.md): ``targets``, ``student_mask``, ``teacher_mask``, ``old_logprobs`` and
 ``teacher_logprobs`` are all [B, T]; position t of the hidden states predicts ``targets[:, t]``.
@@ -19,7 +19,7 @@ from jax import lax
 
 DEFAULT_CHUNK = 128
 
-# KL-direction ablation (DESIGN.md §3): (student-owned loss, teacher-owned loss).
+# KL-direction ablation (docs/PAPER.md §3): (student-owned loss, teacher-owned loss).
 KL_VARIANTS = {
     "default": ("reverse", "forward"),
     "swapped": ("forward", "reverse"),

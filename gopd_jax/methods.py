@@ -5,7 +5,7 @@ rule), how the two owners' tokens are weighted in the loss (``beta``), which own
 whether the environment's expert plays instead of the models, and what to log. The runner only asks the
 method; it never tests a method's name. A new method is one function in one file::
 
-    from gopd_jax.methods import Method, register_method, owners_from_beta
+    from gopd_jax.methods import Method, default_loss, owners_from_beta, register_method
 
     @register_method("half_teacher")
     def half_teacher(cfg):

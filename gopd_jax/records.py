@@ -1,6 +1,6 @@
 """The records every stage shares: who plays (Policy, the expert), what a turn and an episode produced.
 
-A leaf module (no imports from the rest of the library except the environment protocol), so rollout,
+A leaf module (it imports only the environment protocol and the model config), so rollout,
 batch building, evaluation and methods can all depend on it without depending on each other.
 """
 

@@ -54,7 +54,8 @@ def _rollout_record(episodes, trained) -> dict:
 
 
 def run_experiment(cfg: ExperimentConfig) -> dict:
-    """Train (unless steps == 0) and evaluate one configuration; returns the final evaluation summary."""
+    """Train and evaluate one configuration (a finished run in cfg.out_dir is reused, a checkpointed one resumed);
+    returns the final evaluation summary."""
     cfg.validate()
     method: Method = make_method(cfg)
     out = Path(cfg.out_dir)

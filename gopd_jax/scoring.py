@@ -1,4 +1,4 @@
-"""Teacher scoring (DESIGN.md §2.2): log-probs of the sampled tokens, or hidden states for the exact KL.
+"""Teacher scoring (docs/PAPER.md §2): log-probs of the sampled tokens, or hidden states for the exact KL.
 
 The teacher can be placed across devices with `shard_params` (tensor or expert parallel over one "model"
 mesh axis); the same jitted functions then run on the sharded params with the config it returns. Tensor

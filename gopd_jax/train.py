@@ -1,4 +1,4 @@
-"""Train state, optimizer and the data-parallel update step (DESIGN.md §2.4).
+"""Train state, optimizer and the data-parallel update step (docs/PAPER.md §2).
 
 The update step is one pure function `step(state, batch, **loss_kwargs) -> (state, metrics)` that is either
 jitted on one device (`jit_update_step`) or pmapped over local devices (`pmap_update_step`); the two differ

@@ -115,3 +115,21 @@ def test_the_shipped_start_is_the_full_presets():
         names = {m.name.split("/")[0] for m in tar.getmembers()}
     assert saved == mini_repro.start_settings(mini_repro.PRESETS["full"])
     assert names == {"start.json", "tokenizer", "d64_warmup", "d96_warmup", "teacher"}
+
+
+def test_a_grid_resumes_under_another_worker_count_only_with_resume_anyway(monkeypatch, tmp_path):
+    """The run refused for another worker count names --resume-anyway: mini_repro's own flag must reach the runs.
+    Progress bars never block a resume (the background command switches them off)."""
+    from gopd_jax.experiment import check_resume
+
+    seen = []
+    monkeypatch.setattr(mini_repro, "run", lambda mini, *rest: seen.append(mini))
+    mini_repro.main(["--out-dir", str(tmp_path), "--set", "num_workers=1"])
+    mini_repro.main(["--out-dir", str(tmp_path), "--set", "num_workers=1", "--resume-anyway", "--no-progress"])
+    plain, anyway = seen
+    saved = mini_repro._base(_mini(tmp_path), seed=0).to_json()  # started with 2 workers, progress off
+    with pytest.raises(ValueError, match="(?s)num_workers: 2 there, 1 now.*--resume-anyway"):
+        check_resume(saved, mini_repro._base(plain, seed=0))
+    assert check_resume(saved, mini_repro._base(anyway, seed=0)) == {"num_workers": (2, 1)}
+    same = dataclasses.replace(plain, num_workers=2)
+    assert same.progress and check_resume(saved, mini_repro._base(same, seed=0)) == {}
